@@ -1,0 +1,1 @@
+//! Benchmarks of Trellis against peers; see `benches/`.

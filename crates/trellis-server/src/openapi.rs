@@ -1,0 +1,69 @@
+//! The OpenAPI document, generated from the handlers' `#[utoipa::path]` attributes.
+
+use utoipa::OpenApi;
+
+use crate::routes::{invoke, ops, pubsub, resilience, state, streams};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Trellis",
+        description = "Distributed-application building blocks over HTTP. Errors are \
+            application/problem+json with a stable `code`. When a token is configured, \
+            every /v1 call needs `Authorization: Bearer <token>`."
+    ),
+    paths(
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::openapi,
+        state::get_key,
+        state::put_key,
+        state::delete_key,
+        state::bulk_get,
+        state::transaction,
+        state::list_keys,
+        invoke::invoke,
+        resilience::status,
+        resilience::events,
+        resilience::set_fault,
+        resilience::set_breaker,
+        pubsub::publish,
+        pubsub::publish_bulk,
+        pubsub::topic_stats,
+        pubsub::replay,
+        pubsub::pull,
+        pubsub::ack,
+        pubsub::nack,
+        pubsub::extend,
+        pubsub::reject,
+        pubsub::list_subscriptions,
+        pubsub::get_subscription,
+        pubsub::put_subscription,
+        pubsub::delete_subscription,
+        streams::append,
+        streams::append_multi,
+        streams::read,
+        streams::subscribe_sse,
+        streams::get_metadata,
+        streams::put_metadata,
+        streams::delete,
+        streams::get_snapshot,
+        streams::put_snapshot,
+    ),
+    components(schemas(crate::error::Problem)),
+    tags(
+        (name = "ops", description = "Health, readiness, metrics and this document"),
+        (name = "state", description = "Key-value state with etags, TTLs and transactions"),
+        (name = "invoke", description = "Calls to other apps through their instances and resilience policies"),
+        (name = "streams", description = "Event store: streams with expected versions, $all, categories, catch-up subscriptions, metadata, snapshots"),
+        (name = "pubsub", description = "CloudEvents on topics: publish, pull or push delivery to consumer groups, dead letters"),
+        (name = "resilience", description = "Breakers, bulkheads, limiters, retry budgets, fault injection and upstream health"),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of this build's HTTP API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

@@ -1,0 +1,825 @@
+//! `/v1/state/{store}/...`: the state store over HTTP.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use trellis_state::{ETag, Item, Key, MAX_TTL, Operation, Precondition, Value, WriteOptions};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use crate::ApiError;
+use crate::extract::{Body, Json, Query};
+
+/// Most keys in one bulk get.
+pub(crate) const MAX_BULK_KEYS: usize = 1000;
+/// Most operations in one transaction.
+pub(crate) const MAX_OPERATIONS: usize = 1000;
+/// Default and largest page of a key listing.
+const DEFAULT_LIST_LIMIT: usize = 100;
+const MAX_LIST_LIMIT: usize = 1000;
+/// Longest accepted `Content-Type`.
+const MAX_CONTENT_TYPE_LEN: usize = 256;
+const OCTET_STREAM: &str = "application/octet-stream";
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/state/{store}", get(list_keys))
+        .route("/v1/state/{store}/", any(empty_key))
+        // `bulk` and `transaction` are also valid keys: their static routes serve
+        // the key methods too, so no key is unreachable.
+        .route(
+            "/v1/state/{store}/bulk",
+            post(bulk_get).get(get_key).put(put_key).delete(delete_key),
+        )
+        .route(
+            "/v1/state/{store}/transaction",
+            post(transaction)
+                .get(get_key)
+                .put(put_key)
+                .delete(delete_key),
+        )
+        .route(
+            "/v1/state/{store}/{*key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+}
+
+// === request pieces ===
+
+/// `{store}` and `{*key}` of a key route. Keys may contain `/`; a key that is not
+/// valid (bad UTF-8 after percent-decoding, control characters, over 1024 bytes)
+/// is `invalid_key`.
+#[derive(Debug)]
+pub(crate) struct KeyPath {
+    store: String,
+    key: Key,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params =
+            axum::extract::Path::<HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| ApiError::bad_request("invalid_key", rejection.body_text()))?;
+        let store = params.get("store").cloned().unwrap_or_default();
+        // The static routes (`.../bulk`, `.../transaction`) have no `key` parameter:
+        // the key is their last segment.
+        let key = match params.get("key") {
+            Some(key) => key.clone(),
+            None => parts
+                .uri
+                .path()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        };
+        let key = Key::new(key).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))?;
+        Ok(Self { store, key })
+    }
+}
+
+/// `?ttl=` of a write.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WriteQuery {
+    /// Time to live in seconds (1 to 315360000, i.e. ten years).
+    #[param(value_type = Option<u64>)]
+    ttl: Option<String>,
+}
+
+/// `?prefix=&limit=&cursor=` of a listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    /// Only keys starting with this.
+    prefix: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    #[param(value_type = Option<u32>)]
+    limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+fn parse_ttl(ttl: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some(ttl) = ttl else { return Ok(None) };
+    let secs: u64 = ttl.trim().parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_ttl",
+            format!("ttl must be a whole number of seconds, got {ttl:?}"),
+        )
+    })?;
+    check_ttl(secs).map(Some)
+}
+
+fn check_ttl(secs: u64) -> Result<Duration, ApiError> {
+    if secs == 0 || secs > MAX_TTL.as_secs() {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            format!(
+                "ttl must be between 1 and {} seconds, got {secs}",
+                MAX_TTL.as_secs()
+            ),
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The one value of header `name`, if present; repeated headers are ambiguous.
+fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &header::HeaderName,
+) -> Result<Option<&'a str>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_etag",
+            format!("{name} given more than once"),
+        ));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| ApiError::bad_request("invalid_etag", format!("{name} is not visible ASCII")))
+}
+
+/// `If-Match` / `If-None-Match` → the write's precondition.
+fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let if_match = single_header(headers, &header::IF_MATCH)?;
+    let if_none_match = single_header(headers, &header::IF_NONE_MATCH)?;
+    match (if_match, if_none_match) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "invalid_precondition",
+            "use either If-Match or If-None-Match, not both",
+        )),
+        (Some(v), None) if v.trim() == "*" => Ok(Precondition::IfExists),
+        (Some(v), None) => parse_header_etag(v).map(Precondition::IfMatch),
+        (None, Some(v)) if v.trim() == "*" => Ok(Precondition::IfAbsent),
+        (None, Some(v)) => Err(ApiError::bad_request(
+            "invalid_etag",
+            format!("only If-None-Match: * (create-only) is supported on writes, got {v:?}"),
+        )),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+/// A strong entity tag as sent in a header: `"<etagc>"`.
+fn parse_header_etag(v: &str) -> Result<ETag, ApiError> {
+    let v = v.trim();
+    if v.starts_with("W/") {
+        return Err(ApiError::bad_request(
+            "invalid_etag",
+            "weak entity tags cannot be used for compare-and-set; send the strong ETag",
+        ));
+    }
+    let inner = v
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_etag",
+                format!("expected a quoted entity tag such as \"17\", got {v:?}"),
+            )
+        })?;
+    parse_etag_text(inner)
+}
+
+/// An entity tag's text: 1–128 `etagc` characters (visible ASCII except `"`).
+fn parse_etag_text(text: &str) -> Result<ETag, ApiError> {
+    let valid = !text.is_empty()
+        && text.len() <= 128
+        && text.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if valid {
+        Ok(ETag::new(text))
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_etag",
+            format!("invalid entity tag {text:?}"),
+        ))
+    }
+}
+
+/// An etag in a JSON body: `"17"`, or the header form `"\"17\""`.
+fn parse_json_etag(text: &str) -> Result<ETag, ApiError> {
+    match text.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) => parse_etag_text(inner),
+        None => parse_etag_text(text),
+    }
+}
+
+fn etag_header(etag: &ETag) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("\"{etag}\"")).ok()
+}
+
+fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(OCTET_STREAM.to_owned()),
+        Some(v) => {
+            let text = v.to_str().ok().filter(|t| !t.is_empty() && t.len() <= MAX_CONTENT_TYPE_LEN).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_header",
+                    format!("Content-Type must be 1-{MAX_CONTENT_TYPE_LEN} characters of visible ASCII"),
+                )
+            })?;
+            Ok(text.to_owned())
+        }
+    }
+}
+
+// === JSON values ===
+
+/// A value inside a JSON body: any JSON document (stored as `application/json`), or
+/// `{"value_base64": "..."}` for raw bytes.
+fn value_from_json(
+    raw: &RawValue,
+    content_type: Option<&str>,
+    at: &str,
+) -> Result<Value, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Base64Value {
+        value_base64: String,
+    }
+    if let Ok(Base64Value { value_base64 }) = serde_json::from_str::<Base64Value>(raw.get()) {
+        let data = STANDARD.decode(value_base64.as_bytes()).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("{at}.value_base64 is not valid base64: {e}"),
+            )
+        })?;
+        return Ok(Value::new(data, content_type.unwrap_or(OCTET_STREAM)));
+    }
+    Ok(Value::new(
+        raw.get().as_bytes().to_vec(),
+        content_type.unwrap_or("application/json"),
+    ))
+}
+
+/// A stored value in a JSON response: JSON documents inline, anything else as
+/// `{"value_base64": "..."}`.
+fn value_to_json(value: &Value) -> Box<RawValue> {
+    let is_json = {
+        let ct = value
+            .content_type
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        ct == "application/json" || ct.ends_with("+json")
+    };
+    if is_json && let Ok(raw) = serde_json::from_slice::<Box<RawValue>>(&value.data) {
+        return raw;
+    }
+    let wrapped = serde_json::json!({ "value_base64": STANDARD.encode(&value.data) });
+    serde_json::value::to_raw_value(&wrapped).unwrap_or_else(|_| RawValue::NULL.to_owned())
+}
+
+/// Deserializes a present field, `null` included, as `Some`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+// === handlers ===
+
+/// Read a key.
+#[utoipa::path(
+    get, path = "/v1/state/{store}/{key}", tag = "state",
+    params(("store" = String, Path, description = "State store name"), ("key" = String, Path, description = "Key; may contain `/`")),
+    responses(
+        (status = 200, description = "The value, with the Content-Type it was written with", headers(("ETag" = String, description = "Quoted etag"))),
+        (status = 404, description = "`key_not_found` (also for expired keys) or `store_not_found`", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn get_key(
+    State(app): State<AppState>,
+    path: KeyPath,
+) -> Result<Response, ApiError> {
+    let store = app.store(&path.store)?;
+    let Some(Item { value, etag }) = store.get(&path.key).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "key_not_found",
+            format!("no key {:?} in store {:?}", path.key.as_str(), path.store),
+        ));
+    };
+    let mut response = value.data.into_response();
+    let headers = response.headers_mut();
+    if let Ok(ct) = HeaderValue::from_str(&value.content_type) {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    if let Some(etag) = etag_header(&etag) {
+        headers.insert(header::ETAG, etag);
+    }
+    Ok(response)
+}
+
+/// Write a key. The body is the value, stored verbatim with its Content-Type.
+#[utoipa::path(
+    put, path = "/v1/state/{store}/{key}", tag = "state",
+    params(
+        ("store" = String, Path, description = "State store name"),
+        ("key" = String, Path, description = "Key; may contain `/`"),
+        ("If-Match" = Option<String>, Header, description = "`\"<etag>\"`: compare-and-set; `*`: only if the key exists"),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: create only"),
+        WriteQuery,
+    ),
+    request_body(content = Vec<u8>, content_type = "*/*", description = "The value"),
+    responses(
+        (status = 204, description = "Written and durable", headers(("ETag" = String, description = "The new quoted etag"))),
+        (status = 400, description = "`invalid_key`, `invalid_etag`, `invalid_ttl`, ...", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`etag_mismatch` or `key_exists`", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn put_key(
+    State(app): State<AppState>,
+    path: KeyPath,
+    Query(query): Query<WriteQuery>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let store = app.store(&path.store)?;
+    let options = WriteOptions {
+        precondition: precondition(&headers)?,
+        ttl: parse_ttl(query.ttl.as_deref())?,
+    };
+    let value = Value::new(body, content_type(&headers)?);
+    let etag = store.set(&path.key, value, options).await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if let Some(etag) = etag_header(&etag) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    Ok(response)
+}
+
+/// Delete a key. Deleting an absent key succeeds unless `If-Match` is given.
+#[utoipa::path(
+    delete, path = "/v1/state/{store}/{key}", tag = "state",
+    params(
+        ("store" = String, Path, description = "State store name"),
+        ("key" = String, Path, description = "Key; may contain `/`"),
+        ("If-Match" = Option<String>, Header, description = "`\"<etag>\"` or `*`"),
+    ),
+    responses(
+        (status = 204, description = "Deleted (or was absent)"),
+        (status = 412, description = "`etag_mismatch`", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn delete_key(
+    State(app): State<AppState>,
+    path: KeyPath,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let store = app.store(&path.store)?;
+    let precondition = precondition(&headers)?;
+    store.delete(&path.key, precondition).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn empty_key() -> ApiError {
+    ApiError::bad_request("invalid_key", "key must not be empty")
+}
+
+/// Body of a bulk get.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BulkRequest {
+    /// Up to 1000 keys.
+    keys: Vec<String>,
+}
+
+/// One key of a bulk get.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BulkItem {
+    key: String,
+    found: bool,
+    /// A JSON document, or `{"value_base64": "..."}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    value: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
+}
+
+/// Result of a bulk get.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct BulkResponse {
+    /// In request order.
+    items: Vec<BulkItem>,
+}
+
+fn validate_key(key: String, at: impl std::fmt::Display) -> Result<Key, ApiError> {
+    Key::new(key).map_err(|e| ApiError::bad_request("invalid_key", format!("{at}: {e}")))
+}
+
+/// Read several keys at once.
+#[utoipa::path(
+    post, path = "/v1/state/{store}/bulk", tag = "state",
+    params(("store" = String, Path, description = "State store name")),
+    request_body = BulkRequest,
+    responses(
+        (status = 200, body = BulkResponse),
+        (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_key`, `too_many_keys`", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn bulk_get(
+    State(app): State<AppState>,
+    crate::extract::Path(store): crate::extract::Path<String>,
+    Json(request): Json<BulkRequest>,
+) -> Result<axum::Json<BulkResponse>, ApiError> {
+    let store = app.store(&store)?;
+    if request.keys.len() > MAX_BULK_KEYS {
+        return Err(ApiError::bad_request(
+            "too_many_keys",
+            format!(
+                "{} keys requested; the limit is {MAX_BULK_KEYS}",
+                request.keys.len()
+            ),
+        ));
+    }
+    let keys = request
+        .keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| validate_key(k, format_args!("keys[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let found = store.bulk_get(&keys).await?;
+    let items = keys
+        .into_iter()
+        .zip(found)
+        .map(|(key, item)| match item {
+            Some(Item { value, etag }) => BulkItem {
+                key: key.as_str().to_owned(),
+                found: true,
+                value: Some(value_to_json(&value)),
+                content_type: Some(value.content_type),
+                etag: Some(etag.to_string()),
+            },
+            None => BulkItem {
+                key: key.as_str().to_owned(),
+                found: false,
+                value: None,
+                content_type: None,
+                etag: None,
+            },
+        })
+        .collect();
+    Ok(axum::Json(BulkResponse { items }))
+}
+
+/// Body of a transaction.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TransactionRequest {
+    /// Up to 1000 operations, applied all or nothing, in order.
+    operations: Vec<OperationRequest>,
+}
+
+/// One operation of a transaction.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OperationRequest {
+    op: OpKind,
+    key: String,
+    /// For `upsert`: a JSON document, or `{"value_base64": "..."}`.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>)]
+    value: Option<Box<RawValue>>,
+    /// Compare-and-set against this etag.
+    etag: Option<String>,
+    /// For `upsert`: time to live in seconds.
+    ttl: Option<u64>,
+    /// For `upsert`: overrides the stored content type.
+    content_type: Option<String>,
+}
+
+/// What an operation does.
+///
+/// Deserialized through `String` so that a non-string `op` is reported as a wrong
+/// type (`invalid_body`), not as a JSON syntax error, which is what serde_json says
+/// for an enum given a number.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(try_from = "String")]
+pub(crate) enum OpKind {
+    /// Insert or replace.
+    Upsert,
+    /// Delete.
+    Delete,
+}
+
+impl TryFrom<String> for OpKind {
+    type Error = String;
+
+    fn try_from(op: String) -> Result<Self, String> {
+        match op.as_str() {
+            "upsert" => Ok(Self::Upsert),
+            "delete" => Ok(Self::Delete),
+            other => Err(format!(
+                "unknown op {other:?}, expected \"upsert\" or \"delete\""
+            )),
+        }
+    }
+}
+
+/// Result of a committed transaction.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TransactionResponse {
+    /// Per operation, in order: the key and, for upserts, its new etag.
+    results: Vec<OperationResult>,
+}
+
+/// One operation's result.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OperationResult {
+    key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
+}
+
+fn operation(index: usize, op: OperationRequest) -> Result<Operation, ApiError> {
+    let at = format!("operations[{index}]");
+    let key = validate_key(op.key, &at)?;
+    let precondition = match op.etag.as_deref() {
+        Some(etag) => Precondition::IfMatch(parse_json_etag(etag)?),
+        None => Precondition::None,
+    };
+    match op.op {
+        OpKind::Upsert => {
+            let raw = op.value.ok_or_else(|| {
+                ApiError::bad_request("invalid_body", format!("{at}: an upsert needs a value"))
+            })?;
+            let valid_type = |ct: &String| {
+                !ct.is_empty()
+                    && ct.len() <= MAX_CONTENT_TYPE_LEN
+                    && ct.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            };
+            if op.content_type.as_ref().is_some_and(|ct| !valid_type(ct)) {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!("{at}.content_type is not a valid media type"),
+                ));
+            }
+            let value = value_from_json(&raw, op.content_type.as_deref(), &format!("{at}.value"))?;
+            let ttl = op.ttl.map(check_ttl).transpose()?;
+            Ok(Operation::Upsert {
+                key,
+                value,
+                options: WriteOptions { precondition, ttl },
+            })
+        }
+        OpKind::Delete => {
+            if op.value.is_some() || op.ttl.is_some() || op.content_type.is_some() {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!("{at}: a delete takes only key and etag"),
+                ));
+            }
+            Ok(Operation::Delete { key, precondition })
+        }
+    }
+}
+
+/// Apply several writes atomically: all or nothing.
+#[utoipa::path(
+    post, path = "/v1/state/{store}/transaction", tag = "state",
+    params(("store" = String, Path, description = "State store name")),
+    request_body = TransactionRequest,
+    responses(
+        (status = 200, description = "Committed", body = TransactionResponse),
+        (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_key`, `invalid_etag`, `invalid_ttl`, `too_many_operations`", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`transaction_conflict`: the problem names `index` and `key`; nothing was applied", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn transaction(
+    State(app): State<AppState>,
+    crate::extract::Path(store): crate::extract::Path<String>,
+    Json(request): Json<TransactionRequest>,
+) -> Result<axum::Json<TransactionResponse>, ApiError> {
+    let store = app.store(&store)?;
+    if request.operations.len() > MAX_OPERATIONS {
+        return Err(ApiError::bad_request(
+            "too_many_operations",
+            format!(
+                "{} operations; the limit is {MAX_OPERATIONS}",
+                request.operations.len()
+            ),
+        ));
+    }
+    let operations = request
+        .operations
+        .into_iter()
+        .enumerate()
+        .map(|(i, op)| operation(i, op))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<String> = operations
+        .iter()
+        .map(|op| op.key().as_str().to_owned())
+        .collect();
+    let etags = store.transact(operations).await?;
+    let results = keys
+        .into_iter()
+        .zip(etags)
+        .map(|(key, etag)| OperationResult {
+            key,
+            etag: etag.map(|e| e.to_string()),
+        })
+        .collect();
+    Ok(axum::Json(TransactionResponse { results }))
+}
+
+/// A page of keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct KeyPage {
+    /// In ascending byte order.
+    keys: Vec<String>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    next_cursor: Option<String>,
+}
+
+/// List keys, optionally by prefix, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/state/{store}", tag = "state",
+    params(("store" = String, Path, description = "State store name"), ListQuery),
+    responses(
+        (status = 200, body = KeyPage),
+        (status = 400, description = "`invalid_query`, `invalid_cursor`", body = crate::error::Problem, content_type = "application/problem+json"),
+    )
+)]
+pub(crate) async fn list_keys(
+    State(app): State<AppState>,
+    crate::extract::Path(store): crate::extract::Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<axum::Json<KeyPage>, ApiError> {
+    let store = app.store(&store)?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_LIST_LIMIT,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("limit must be 1 to {MAX_LIST_LIMIT}, got {text:?}"),
+                )
+            })?,
+    };
+    let after = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(cursor) => Some(decode_cursor(cursor)?),
+    };
+    let prefix = query.prefix.unwrap_or_default();
+    let page = store.list(&prefix, after.as_ref(), limit).await?;
+    Ok(axum::Json(KeyPage {
+        keys: page.keys.iter().map(|k| k.as_str().to_owned()).collect(),
+        next_cursor: page
+            .next
+            .as_ref()
+            .map(|k| URL_SAFE_NO_PAD.encode(k.as_str())),
+    }))
+}
+
+fn decode_cursor(cursor: &str) -> Result<Key, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| Key::new(text).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_cursor", "cursor is not one this API returned")
+        })
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn preconditions_from_headers() {
+        let p = |pairs: &[(&str, &str)]| precondition(&headers(pairs));
+        assert_eq!(p(&[]).expect("none"), Precondition::None);
+        assert_eq!(
+            p(&[("if-match", "\"17\"")]).expect("cas"),
+            Precondition::IfMatch(ETag::new("17"))
+        );
+        assert_eq!(
+            p(&[("if-match", "*")]).expect("exists"),
+            Precondition::IfExists
+        );
+        assert_eq!(
+            p(&[("if-none-match", "*")]).expect("absent"),
+            Precondition::IfAbsent
+        );
+        for bad in [
+            vec![("if-match", "17")],
+            vec![("if-match", "W/\"17\"")],
+            vec![("if-match", "\"\"")],
+            vec![("if-match", "\"a\"b\"")],
+            vec![("if-match", "\"1\""), ("if-match", "\"2\"")],
+            vec![("if-none-match", "\"17\"")],
+        ] {
+            assert_eq!(
+                p(&bad).expect_err("invalid").code(),
+                "invalid_etag",
+                "{bad:?}"
+            );
+        }
+        let both = p(&[("if-match", "*"), ("if-none-match", "*")]).expect_err("both");
+        assert_eq!(both.code(), "invalid_precondition");
+    }
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl(None).expect("none"), None);
+        assert_eq!(
+            parse_ttl(Some("60")).expect("60"),
+            Some(Duration::from_secs(60))
+        );
+        for bad in [
+            "0",
+            "-1",
+            "1.5",
+            "abc",
+            "",
+            "315360001",
+            "99999999999999999999",
+        ] {
+            assert_eq!(
+                parse_ttl(Some(bad)).expect_err(bad).code(),
+                "invalid_ttl",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_values_round_trip() {
+        let raw = |s: &str| serde_json::from_str::<Box<RawValue>>(s).expect("json");
+        let v = value_from_json(&raw(r#"{"b": 2, "a": [1]}"#), None, "v").expect("json value");
+        assert_eq!(
+            (&v.data[..], v.content_type.as_str()),
+            (&br#"{"b": 2, "a": [1]}"#[..], "application/json")
+        );
+        assert_eq!(value_to_json(&v).get(), r#"{"b": 2, "a": [1]}"#);
+
+        let v = value_from_json(&raw(r#"{"value_base64": "AP8="}"#), None, "v").expect("bytes");
+        assert_eq!(
+            (&v.data[..], v.content_type.as_str()),
+            (&[0u8, 255][..], OCTET_STREAM)
+        );
+        assert_eq!(value_to_json(&v).get(), r#"{"value_base64":"AP8="}"#);
+
+        let err =
+            value_from_json(&raw(r#"{"value_base64": "!!"}"#), None, "v").expect_err("bad base64");
+        assert_eq!(err.code(), "invalid_body");
+
+        // Text that claims to be JSON but isn't comes back as base64, never as broken JSON.
+        let broken = Value::new(&b"{not json"[..], "application/json");
+        assert!(value_to_json(&broken).get().contains("value_base64"));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let cursor = URL_SAFE_NO_PAD.encode("user/ä");
+        assert_eq!(decode_cursor(&cursor).expect("valid").as_str(), "user/ä");
+        assert_eq!(
+            decode_cursor("%%%").expect_err("garbage").code(),
+            "invalid_cursor"
+        );
+        assert_eq!(
+            decode_cursor(&URL_SAFE_NO_PAD.encode([0xff, 0xfe]))
+                .expect_err("utf8")
+                .code(),
+            "invalid_cursor"
+        );
+    }
+}
