@@ -18,6 +18,9 @@ pub const ALL: &str = "$all";
 /// Prefix of category streams: `$ce-order` holds the events of every `order-…` stream.
 pub const CATEGORY_PREFIX: &str = "$ce-";
 
+/// The category of Trellis's own streams (`trellis-…`).
+pub const INTERNAL_CATEGORY: &str = "trellis";
+
 /// Why something can't be a stream name, an event type or an event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -62,6 +65,14 @@ impl StreamName {
     /// The name.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether this is one of Trellis's own streams: category
+    /// [`INTERNAL_CATEGORY`] (persistent subscription definitions, parked events).
+    /// They are ordinary streams in `$all`, but persistent subscriptions and
+    /// projections on `$all` pass over them.
+    pub fn is_internal(&self) -> bool {
+        self.category() == INTERNAL_CATEGORY
     }
 
     /// The category: the part before the first `-`, or the whole name.

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use trellis_core::config::EventStoreComponent;
 
 use crate::embedded::EmbeddedEventStore;
+use crate::postgres::PostgresEventStore;
 use crate::{EventStore, EventStoreError};
 
 /// Opens the event store component `name` as configured. Embedded stores live in
-/// `<data_dir>/eventstore/<name>.redb` unless they set `path`.
+/// `<data_dir>/eventstore/<name>.redb` unless they set `path`; PostgreSQL stores
+/// connect and create their schema.
 ///
 /// # Errors
 /// If the backend can't be opened or reached.
@@ -26,6 +28,7 @@ pub async fn open(
                 .unwrap_or_else(|| data_dir.join("eventstore").join(format!("{name}.redb")));
             Arc::new(EmbeddedEventStore::open(path).await?)
         }
+        EventStoreComponent::Postgres(c) => Arc::new(PostgresEventStore::connect(name, c).await?),
         other => {
             return Err(EventStoreError::Backend {
                 backend: "unknown",

@@ -501,7 +501,14 @@ impl PersistentSubscriptions {
                     }
                 }
             };
-            group.state().offer(events, |e| group.cursor(e));
+            // A group on `$all` doesn't see Trellis's own streams (its definitions
+            // and parked copies), as EventStoreDB's filter hides `$` streams.
+            let internal = matches!(group.source, Source::All);
+            group.state().offer(
+                events,
+                |e| group.cursor(e),
+                |e| !(internal && e.stream.is_internal()),
+            );
         }
         let replay_from = group
             .replay()

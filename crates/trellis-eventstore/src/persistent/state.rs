@@ -129,10 +129,12 @@ impl GroupState {
     }
 
     /// Takes events read from `next_read` on; `cursor` says where each one is.
+    /// Events that `keep` refuses are passed over (read, never delivered).
     pub(crate) fn offer(
         &mut self,
         events: Vec<RecordedEvent>,
         cursor: impl Fn(&RecordedEvent) -> u64,
+        keep: impl Fn(&RecordedEvent) -> bool,
     ) {
         for event in events {
             let at = cursor(&event);
@@ -140,6 +142,9 @@ impl GroupState {
                 continue;
             }
             self.next_read = at + 1;
+            if !keep(&event) {
+                continue;
+            }
             self.ready.insert(at, event);
         }
     }
@@ -395,7 +400,7 @@ mod test {
     fn the_checkpoint_follows_the_settled_prefix() {
         let (now, s) = (Instant::now(), settings());
         let mut g = GroupState::new(0);
-        g.offer((0..5).map(event).collect(), |e| e.position);
+        g.offer((0..5).map(event).collect(), |e| e.position, |_| true);
         assert_eq!(
             cursors(&g.take(now, &s, 10)),
             [(0, 1), (1, 1), (2, 1)],
@@ -412,7 +417,7 @@ mod test {
     fn failures_retry_then_park() {
         let (now, s) = (Instant::now(), settings());
         let mut g = GroupState::new(0);
-        g.offer(vec![event(0)], |e| e.position);
+        g.offer(vec![event(0)], |e| e.position, |_| true);
         g.take(now, &s, 1);
         assert_eq!(
             g.nack(0, 1, NackAction::Retry, now, &s),
@@ -443,7 +448,7 @@ mod test {
     fn skip_and_park_settle_at_once_and_gaps_are_passed() {
         let (now, s) = (Instant::now(), settings());
         let mut g = GroupState::new(10);
-        g.offer(vec![event(12), event(15)], |e| e.position);
+        g.offer(vec![event(12), event(15)], |e| e.position, |_| true);
         let taken = g.take(now, &s, 5);
         assert_eq!(cursors(&taken), [(12, 1), (15, 1)]);
         assert_eq!(g.nack(12, 1, NackAction::Skip, now, &s).0, Settled::Ok);
