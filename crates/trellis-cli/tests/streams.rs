@@ -349,3 +349,154 @@ async fn server_sent_events_catch_up_then_go_live() {
     assert_eq!(data, [1, 2, 3], "history from position 1, then live");
     writer.await.expect("writer");
 }
+
+#[tokio::test]
+async fn persistent_subscriptions_over_http() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut t = Trellis::start_in(dir.path(), "").await;
+    for i in 0..4 {
+        let stream = if i % 2 == 0 { "job-1" } else { "job-2" };
+        let (status, _) = post(
+            &t,
+            &format!("/v1/streams/{stream}"),
+            json!({"events": [{"type": "Work", "data": {"n": i}}]}),
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let put = |path: &str, body: Value| send(client().put(t.url(path)).json(&body));
+    let (status, created) = put(
+        "/v1/streams/$ce-job/persistent/workers",
+        json!({"max_retries": 1, "retry_delay": "10ms", "ack_timeout": "30s"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["stream"], "$ce-job");
+    let (status, _) = put(
+        "/v1/streams/$ce-job/persistent/workers",
+        json!({"max_retries": 1, "retry_delay": "10ms"}),
+    )
+    .await;
+    assert_eq!(status, 200, "defining it again updates it");
+    let (status, conflict) = put("/v1/streams/$all/persistent/workers", json!({})).await;
+    assert_eq!((status, code(&conflict)), (409, "subscription_conflict"));
+    let (status, bad) = put(
+        "/v1/streams/$ce-job/persistent/w2",
+        json!({"max_in_flight": 0}),
+    )
+    .await;
+    assert_eq!((status, code(&bad)), (400, "invalid_subscription"));
+    let (status, bad) = put("/v1/streams/$ce-job/persistent/bad%20name", json!({})).await;
+    assert_eq!((status, code(&bad)), (400, "invalid_subscription"), "{bad}");
+    let (status, missing) = get(&t, "/v1/streams/$all/persistent/workers").await;
+    assert_eq!(
+        (status, code(&missing)),
+        (404, "subscription_not_found"),
+        "the group follows $ce-job, not $all"
+    );
+
+    let base = "/v1/streams/$ce-job/persistent/workers";
+    let (status, read) = post(&t, &format!("{base}/read"), json!({"max": 3})).await;
+    assert_eq!(status, 200, "{read}");
+    let events = read["events"].as_array().expect("events");
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0]["event"]["data"]["n"], 0);
+    let ids: Vec<String> = events
+        .iter()
+        .map(|e| e["ack_id"].as_str().expect("ack id").to_owned())
+        .collect();
+    // Ack the first two, fail the third: with max_retries 1 it is parked.
+    let (status, acked) = post(
+        &t,
+        &format!("{base}/ack"),
+        json!({"ack_ids": [ids[0], ids[1], "nonsense"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let outcomes: Vec<&str> = acked["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, ["ok", "ok", "not_found"]);
+    let (status, nacked) = post(
+        &t,
+        &format!("{base}/nack"),
+        json!({"ack_ids": [ids[2]], "action": "retry"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{nacked}");
+    let (status, bad) = post(
+        &t,
+        &format!("{base}/nack"),
+        json!({"ack_ids": [ids[2]], "action": "explode"}),
+    )
+    .await;
+    assert_eq!((status, code(&bad)), (400, "invalid_body"));
+    // The retry is due 10ms after the nack: read until both have come.
+    let mut delivered: Vec<Value> = Vec::new();
+    for _ in 0..10 {
+        let (_, read) = post(
+            &t,
+            &format!("{base}/read"),
+            json!({"max": 10, "wait_ms": 2000}),
+        )
+        .await;
+        delivered.extend(read["events"].as_array().cloned().unwrap_or_default());
+        if delivered.len() >= 2 {
+            break;
+        }
+    }
+    let mut seen: Vec<(u64, u64)> = delivered
+        .iter()
+        .map(|e| {
+            (
+                e["event"]["data"]["n"].as_u64().unwrap_or(99),
+                e["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, [(2, 2), (3, 1)], "the retry and the last event");
+    let ids: Vec<&str> = delivered
+        .iter()
+        .map(|e| e["ack_id"].as_str().unwrap_or_default())
+        .collect();
+    let retried = delivered
+        .iter()
+        .find(|e| e["event"]["data"]["n"] == 2)
+        .and_then(|e| e["ack_id"].as_str())
+        .expect("retried");
+    post(&t, &format!("{base}/nack"), json!({"ack_ids": [retried]})).await;
+    let last: Vec<&str> = ids.into_iter().filter(|id| *id != retried).collect();
+    post(&t, &format!("{base}/ack"), json!({"ack_ids": last})).await;
+    let (_, info) = get(&t, base).await;
+    assert_eq!(info["parked"], 1, "{info}");
+    let (_, parked) = get(&t, "/v1/streams/trellis-parked-workers").await;
+    assert_eq!(parked["events"][0]["data"]["n"], 2);
+
+    // The checkpoint and the definition survive a restart.
+    let checkpoint = info["checkpoint"].as_u64().expect("checkpoint");
+    assert_eq!(checkpoint, 4, "everything settled");
+    t.signal("TERM");
+    t.wait(Duration::from_secs(10)).await;
+    let t = Trellis::start_in(dir.path(), "").await;
+    let (status, info) = get(&t, base).await;
+    assert_eq!((status, info["checkpoint"].as_u64()), (200, Some(4)));
+    let (_, listed) = get(&t, "/v1/persistent-subscriptions").await;
+    assert_eq!(listed["subscriptions"][0]["group"], "workers");
+    let (status, replay) = post(&t, &format!("{base}/replay-parked"), json!(null)).await;
+    assert_eq!(
+        (status, replay["queued"].as_u64()),
+        (200, Some(1)),
+        "{replay}"
+    );
+    let (_, read) = post(&t, &format!("{base}/read"), json!({"wait_ms": 2000})).await;
+    assert_eq!(read["events"][0]["replayed"], true);
+    assert_eq!(read["events"][0]["event"]["stream"], "job-1");
+    let status = send(client().delete(t.url(base))).await.0;
+    assert_eq!(status, 204);
+    let (status, _) = get(&t, base).await;
+    assert_eq!(status, 404);
+}

@@ -221,6 +221,9 @@ pub enum EventStoreError {
         /// At which version.
         version: u64,
     },
+    /// No persistent subscription group of that name.
+    #[error("no persistent subscription group {0:?}")]
+    SubscriptionNotFound(String),
     /// A request that is not valid.
     #[error("{0}")]
     Invalid(#[from] Invalid),

@@ -142,6 +142,7 @@ fn title(code: &str, status: StatusCode) -> &'static str {
         "subscription_not_found" => "No such subscription",
         "invalid_subscription" => "Invalid subscription",
         "subscription_in_config" => "Subscription declared in the config file",
+        "subscription_conflict" => "The subscription group follows another stream",
         "eventstore_not_found" => "No such event store",
         "invalid_stream" => "Invalid stream name",
         "stream_not_found" => "Stream not found",

@@ -2,7 +2,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{invoke, ops, pubsub, resilience, state, streams};
+use crate::routes::{invoke, ops, persistent, pubsub, resilience, state, streams};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -50,6 +50,14 @@ use crate::routes::{invoke, ops, pubsub, resilience, state, streams};
         streams::delete,
         streams::get_snapshot,
         streams::put_snapshot,
+        persistent::list,
+        persistent::info,
+        persistent::define,
+        persistent::remove,
+        persistent::read,
+        persistent::ack,
+        persistent::nack,
+        persistent::replay_parked,
     ),
     components(schemas(crate::error::Problem)),
     tags(

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use trellis_core::Config;
 use trellis_core::config::{ListenerConfig, ServerConfig};
+use trellis_eventstore::persistent::PersistentSubscriptions;
 use trellis_proxy::Invoker;
 use trellis_resilience::stack::Registry;
 use trellis_state::{StateError, StateStore};
@@ -162,12 +163,24 @@ impl Server {
                 }
             });
         let mut eventstores = BTreeMap::new();
+        let mut persistent = BTreeMap::new();
         for (name, result) in futures_util::future::join_all(opening).await {
-            match result {
-                Ok(store) => {
+            let store = match result {
+                Ok(store) => store,
+                Err(source) => {
+                    failure.get_or_insert(BuildError::EventStore { name, source });
+                    continue;
+                }
+            };
+            match PersistentSubscriptions::open(Arc::clone(&store)).await {
+                Ok(subs) => {
+                    persistent.insert(name.clone(), Arc::new(subs));
                     eventstores.insert(name, store);
                 }
                 Err(source) => {
+                    if let Err(e) = store.close().await {
+                        tracing::warn!(component = %format!("eventstore.{name}"), error = %e, "closing failed");
+                    }
                     failure.get_or_insert(BuildError::EventStore { name, source });
                 }
             }
@@ -215,6 +228,7 @@ impl Server {
         );
         server.state.pubsubs = pubsubs;
         server.state.eventstores = Arc::new(eventstores);
+        server.state.persistent = Arc::new(persistent);
         server.state.config = config;
         Ok(server)
     }
@@ -271,6 +285,7 @@ impl Server {
                 strip_authorization: config.api_token.is_some(),
                 pubsubs: Arc::default(),
                 eventstores: Arc::default(),
+                persistent: Arc::default(),
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
                 config: whole,
             },
@@ -320,6 +335,7 @@ impl Server {
             .merge(routes::resilience::router())
             .merge(routes::pubsub::router())
             .merge(routes::streams::router())
+            .merge(routes::persistent::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())

@@ -398,7 +398,7 @@ impl PersistentSubscriptions {
         self.groups()
             .get(name)
             .cloned()
-            .ok_or_else(|| Invalid(format!("no persistent subscription group {name:?}")).into())
+            .ok_or_else(|| EventStoreError::SubscriptionNotFound(name.to_owned()))
     }
 
     /// Whether a group exists.

@@ -2,6 +2,7 @@
 
 pub(crate) mod invoke;
 pub(crate) mod ops;
+pub(crate) mod persistent;
 pub(crate) mod proxy;
 pub(crate) mod pubsub;
 pub(crate) mod resilience;
@@ -29,6 +30,9 @@ pub(crate) struct AppState {
     pub(crate) strip_authorization: bool,
     /// The open event store components.
     pub(crate) eventstores: Arc<BTreeMap<String, Arc<dyn trellis_eventstore::EventStore>>>,
+    /// Persistent subscriptions of each event store component.
+    pub(crate) persistent:
+        Arc<BTreeMap<String, Arc<trellis_eventstore::persistent::PersistentSubscriptions>>>,
     /// The open pub/sub components.
     pub(crate) pubsubs: Arc<BTreeMap<String, Arc<dyn trellis_pubsub::PubSub>>>,
     /// Push subscriptions.

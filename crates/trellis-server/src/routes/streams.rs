@@ -64,11 +64,11 @@ pub(crate) fn router() -> Router<AppState> {
 #[derive(Debug, Default, Deserialize, IntoParams)]
 pub(crate) struct StoreQuery {
     /// The event store component (default `default`).
-    store: Option<String>,
+    pub(crate) store: Option<String>,
 }
 
 impl AppState {
-    fn event_store(&self, name: Option<&str>) -> Result<&Arc<dyn EventStore>, ApiError> {
+    pub(crate) fn event_store(&self, name: Option<&str>) -> Result<&Arc<dyn EventStore>, ApiError> {
         let name = name.unwrap_or(trellis_core::config::DEFAULT_COMPONENT);
         self.eventstores.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.eventstores.keys().map(String::as_str).collect();
@@ -88,7 +88,7 @@ impl AppState {
     }
 }
 
-fn stream_name(name: &str) -> Result<StreamName, ApiError> {
+pub(crate) fn stream_name(name: &str) -> Result<StreamName, ApiError> {
     StreamName::new(name).map_err(|e| ApiError::bad_request("invalid_stream", e.to_string()))
 }
 
@@ -250,6 +250,11 @@ impl From<EventStoreError> for ApiError {
             EventStoreError::DuplicateEventId { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "duplicate_event_id", e.to_string())
             }
+            EventStoreError::SubscriptionNotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "subscription_not_found",
+                e.to_string(),
+            ),
             EventStoreError::Invalid(_) => ApiError::bad_request("invalid_event", e.to_string()),
             EventStoreError::Unavailable { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -378,7 +383,7 @@ pub(crate) struct ReadQuery {
     as_of_time: Option<String>,
 }
 
-fn event_json(e: &RecordedEvent) -> Value {
+pub(crate) fn event_json(e: &RecordedEvent) -> Value {
     let mut out = Map::new();
     out.insert("id".into(), Value::from(e.id.to_string()));
     out.insert("stream".into(), Value::from(e.stream.as_str()));
