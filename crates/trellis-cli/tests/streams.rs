@@ -500,3 +500,49 @@ async fn persistent_subscriptions_over_http() {
     let (status, _) = get(&t, base).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn config_upcasting_rules_reshape_old_events_on_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Events written before the rules exist...
+    let mut t = Trellis::start_in(dir.path(), "").await;
+    let (status, _) = post(
+        &t,
+        "/v1/streams/order-9",
+        json!({"events": [
+            {"type": "OrderPlaced", "data": {"total": 42, "legacy": 1}},
+            {"type": "OrderPlaced", "data": {"amount": {"value": 7, "currency": "USD"}}, "metadata": {"schema_version": 2}},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    t.signal("TERM");
+    t.wait(Duration::from_secs(10)).await;
+    // ...are read in the current shape once they do; current events pass as they are.
+    let config = r#"
+[components.eventstore.default]
+type = "embedded"
+
+[[components.eventstore.default.upcasters]]
+event_type = "OrderPlaced"
+before_version = 2
+rename = { "total" = "amount.value" }
+defaults = { "amount.currency" = "EUR" }
+remove = ["legacy"]
+set_version = 2
+"#;
+    let t = Trellis::start_in(dir.path(), config).await;
+    let (status, read) = get(&t, "/v1/streams/order-9").await;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(
+        read["events"][0]["data"],
+        json!({"amount": {"value": 42, "currency": "EUR"}})
+    );
+    assert_eq!(read["events"][0]["metadata"]["schema_version"], 2);
+    assert_eq!(
+        read["events"][1]["data"],
+        json!({"amount": {"value": 7, "currency": "USD"}})
+    );
+    let (_, all) = get(&t, "/v1/streams/$all").await;
+    assert_eq!(all["events"][0]["data"]["amount"]["value"], 42);
+}

@@ -13,6 +13,8 @@
 //! - [`subscription`]: catch-up subscriptions (history, then live) as a `Stream`.
 //! - [`persistent`]: persistent subscriptions: consumer groups with a stored
 //!   checkpoint, acks, retries and parking.
+//! - [`upcast`]: transforms that turn stored old event shapes into the current
+//!   one on read, in Rust or as declarative config rules.
 //! - `contract` (feature `contract`): the test suite every backend passes.
 //!
 //! # Example
@@ -46,6 +48,7 @@ mod open;
 pub mod persistent;
 pub mod postgres;
 pub mod subscription;
+pub mod upcast;
 
 #[cfg(feature = "contract")]
 pub mod contract;

@@ -7,11 +7,13 @@ use trellis_core::config::EventStoreComponent;
 
 use crate::embedded::EmbeddedEventStore;
 use crate::postgres::PostgresEventStore;
+use crate::upcast::Upcasting;
 use crate::{EventStore, EventStoreError};
 
 /// Opens the event store component `name` as configured. Embedded stores live in
 /// `<data_dir>/eventstore/<name>.redb` unless they set `path`; PostgreSQL stores
-/// connect and create their schema.
+/// connect and create their schema. Configured upcasting rules wrap the store in
+/// [`Upcasting`].
 ///
 /// # Errors
 /// If the backend can't be opened or reached.
@@ -20,7 +22,7 @@ pub async fn open(
     component: &EventStoreComponent,
     data_dir: &Path,
 ) -> Result<Arc<dyn EventStore>, EventStoreError> {
-    Ok(match component {
+    let store: Arc<dyn EventStore> = match component {
         EventStoreComponent::Embedded(c) => {
             let path = c
                 .path
@@ -38,5 +40,11 @@ pub async fn open(
                 ),
             });
         }
+    };
+    let rules = component.upcasters();
+    Ok(if rules.is_empty() {
+        store
+    } else {
+        Arc::new(Upcasting::new(store).with_rules(rules))
     })
 }

@@ -19,6 +19,14 @@ impl EventStoreComponent {
     /// The accepted values of `type`.
     pub const TYPES: [&'static str; 2] = ["embedded", "postgres"];
 
+    /// The upcasting rules applied to events read from this store.
+    pub fn upcasters(&self) -> &[UpcastRule] {
+        match self {
+            Self::Embedded(c) => &c.upcasters,
+            Self::Postgres(c) => &c.upcasters,
+        }
+    }
+
     /// The value of `type` for this component.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -34,6 +42,9 @@ impl EventStoreComponent {
 pub struct EmbeddedEventStore {
     /// Database file; defaults to `<data_dir>/eventstore/<name>.redb`.
     pub path: Option<PathBuf>,
+    /// `[[components.eventstore.<name>.upcasters]]`: rules that turn stored old
+    /// event shapes into the current one on read.
+    pub upcasters: Vec<UpcastRule>,
 }
 
 /// Settings of a PostgreSQL event store.
@@ -55,6 +66,10 @@ pub struct PostgresEventStore {
         deserialize_with = "units::duration"
     )]
     pub connect_timeout: Duration,
+    /// `[[components.eventstore.<name>.upcasters]]`: rules that turn stored old
+    /// event shapes into the current one on read.
+    #[serde(default)]
+    pub upcasters: Vec<UpcastRule>,
 }
 
 fn default_pool_size() -> u32 {
@@ -73,6 +88,7 @@ impl PostgresEventStore {
             pool_size: default_pool_size(),
             schema: None,
             connect_timeout: default_connect_timeout(),
+            upcasters: Vec::new(),
         }
     }
 
@@ -91,5 +107,98 @@ impl PostgresEventStore {
                 .collect();
             format!("trellis_events_{cleaned}")
         })
+    }
+}
+
+/// One declarative upcasting rule: events of `event_type` (optionally only those
+/// whose metadata `schema_version` is below `before_version`, absent counting as 1)
+/// are reshaped on read. Stored events never change.
+///
+/// ```toml
+/// [[components.eventstore.default.upcasters]]
+/// event_type = "OrderPlaced"
+/// rename = { "total" = "amount.value" }      # move fields (dotted paths)
+/// defaults = { "amount.currency" = "EUR" }   # set when missing
+/// remove = ["legacy_flag"]
+/// set_version = 2                            # metadata schema_version afterwards
+///
+/// [[components.eventstore.default.upcasters]]
+/// event_type = "CustomerMoved"
+/// rename_type = "AddressChanged"
+/// ```
+///
+/// Rules run in order, each on the output of the ones before, so a chain of rules
+/// takes an event through several versions.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpcastRule {
+    /// The event type the rule applies to.
+    pub event_type: String,
+    /// Only events whose metadata `schema_version` is below this.
+    #[serde(default)]
+    pub before_version: Option<u64>,
+    /// The event's new type.
+    #[serde(default)]
+    pub rename_type: Option<String>,
+    /// Moves fields of the JSON data: old dotted path → new dotted path.
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+    /// Sets fields that are missing: dotted path → JSON value.
+    #[serde(default)]
+    pub defaults: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Removes fields (dotted paths).
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Sets the metadata `schema_version` afterwards.
+    #[serde(default)]
+    pub set_version: Option<u64>,
+}
+
+impl UpcastRule {
+    /// Problems with the rule, as (key below the rule, message).
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        if self.event_type.is_empty() {
+            problems.push(("event_type".to_owned(), "must not be empty".to_owned()));
+        }
+        if self.rename_type.as_deref() == Some("") {
+            problems.push(("rename_type".to_owned(), "must not be empty".to_owned()));
+        }
+        let bad_path = |p: &str| p.is_empty() || p.split('.').any(str::is_empty);
+        for (from, to) in &self.rename {
+            if bad_path(from) || bad_path(to) {
+                problems.push((
+                    format!("rename.{from}"),
+                    format!("paths are dot-separated field names, got {from:?} -> {to:?}"),
+                ));
+            }
+        }
+        for path in self.defaults.keys() {
+            if bad_path(path) {
+                problems.push((
+                    format!("defaults.{path}"),
+                    "paths are dot-separated field names".to_owned(),
+                ));
+            }
+        }
+        for (i, path) in self.remove.iter().enumerate() {
+            if bad_path(path) {
+                problems.push((
+                    format!("remove[{i}]"),
+                    format!("paths are dot-separated field names, got {path:?}"),
+                ));
+            }
+        }
+        if let (Some(before), Some(set)) = (self.before_version, self.set_version)
+            && set < before
+        {
+            problems.push((
+                "set_version".to_owned(),
+                format!(
+                    "must be at least before_version ({before}), or the rule would apply again"
+                ),
+            ));
+        }
+        problems
     }
 }

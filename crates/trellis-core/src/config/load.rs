@@ -797,6 +797,16 @@ fn validate_apps(config: &Config, errors: &mut Vec<ConfigError>) {
 
 fn validate(config: &Config, errors: &mut Vec<ConfigError>) {
     validate_apps(config, errors);
+    for (name, component) in &config.components.eventstore {
+        for (i, rule) in component.upcasters().iter().enumerate() {
+            for (field, message) in rule.validate() {
+                errors.push(ConfigError::new(
+                    format!("components.eventstore.{name}.upcasters[{i}].{field}"),
+                    message,
+                ));
+            }
+        }
+    }
     for (name, subscription) in &config.subscriptions {
         for (field, message) in subscription.validate(name, config) {
             let key = if field.is_empty() {

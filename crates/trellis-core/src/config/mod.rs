@@ -61,7 +61,7 @@ pub use apps::{
     check_instance_url,
 };
 pub use error::{ConfigError, ConfigErrors};
-pub use eventstore::{EmbeddedEventStore, EventStoreComponent, PostgresEventStore};
+pub use eventstore::{EmbeddedEventStore, EventStoreComponent, PostgresEventStore, UpcastRule};
 pub use pubsub::{
     EmbeddedPubSub, NatsPubSub, NatsStorage, PubSubComponent, PublishDurability, RedisPubSub,
     SubscriptionConfig, SubscriptionDefaults, is_topic_name,

@@ -740,3 +740,44 @@ fn eventstore_components_parse() {
         "unknown type",
     );
 }
+
+#[test]
+fn upcasting_rules_parse_and_are_checked() {
+    let config = load(
+        r#"
+        [components.eventstore.default]
+        type = "embedded"
+
+        [[components.eventstore.default.upcasters]]
+        event_type = "OrderPlaced"
+        before_version = 2
+        rename = { "total" = "amount.value" }
+        defaults = { "amount.currency" = "EUR" }
+        remove = ["legacy"]
+        set_version = 2
+        "#,
+    )
+    .expect("valid");
+    let rules = config.components.eventstore["default"].upcasters();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].rename["total"], "amount.value");
+    assert_eq!(
+        rules[0].defaults["amount.currency"],
+        serde_json::json!("EUR")
+    );
+    assert_error(
+        "[components.eventstore.default]\ntype = \"embedded\"\n[[components.eventstore.default.upcasters]]\nevent_type = \"A\"\nrename = { \"a..b\" = \"c\" }\n",
+        "components.eventstore.default.upcasters[0].rename.a..b",
+        "dot-separated",
+    );
+    assert_error(
+        "[components.eventstore.default]\ntype = \"embedded\"\n[[components.eventstore.default.upcasters]]\nevent_type = \"A\"\nbefore_version = 3\nset_version = 2\n",
+        "components.eventstore.default.upcasters[0].set_version",
+        "at least before_version",
+    );
+    assert_error(
+        "[components.eventstore.default]\ntype = \"embedded\"\n[[components.eventstore.default.upcasters]]\nevent_type = \"A\"\nrenam = {}\n",
+        "components.eventstore.default.upcasters[0].renam",
+        "unknown field",
+    );
+}
