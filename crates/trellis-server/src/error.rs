@@ -136,7 +136,7 @@ fn title(code: &str, status: StatusCode) -> &'static str {
         "pubsub_not_found" => "No such pub/sub component",
         "invalid_topic" => "Invalid topic name",
         "invalid_group" => "Invalid consumer group name",
-        "invalid_event" => "Invalid CloudEvent",
+        "invalid_event" => "Invalid event",
         "ack_id_not_found" => "Unknown ack id",
         "ack_id_expired" => "Ack id no longer current",
         "subscription_not_found" => "No such subscription",
