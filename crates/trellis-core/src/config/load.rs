@@ -12,8 +12,8 @@ use super::resiliency::{AppTarget, GlobalPolicies, PolicyRefs, ResiliencyConfig}
 use super::{
     AppConfig, Components, Config, ConfigError, ConfigErrors, EmbeddedEventStore, EmbeddedPubSub,
     EmbeddedState, EventStoreComponent, ListenerConfig, LogConfig, NatsPubSub, PostgresEventStore,
-    PostgresState, PubSubComponent, RedisPubSub, RedisState, ServerConfig, StateComponent,
-    SubscriptionConfig, check_instance_url,
+    PostgresState, ProjectionConfig, PubSubComponent, RedisPubSub, RedisState, ServerConfig,
+    StateComponent, SubscriptionConfig, check_instance_url,
 };
 
 /// Prefix of environment variables that override config keys.
@@ -23,11 +23,12 @@ pub(crate) const ENV_SEPARATOR: &str = "__";
 /// Shorthand for `server.api_token`.
 pub(crate) const API_TOKEN_ENV: &str = "TRELLIS_API_TOKEN";
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "apps",
     "components",
     "listeners",
     "log",
+    "projections",
     "resiliency",
     "server",
     "subscriptions",
@@ -100,6 +101,18 @@ impl Config {
                         |name, key, value, errors| {
                             if let Some(s) = section::<SubscriptionConfig>(value, &key, errors) {
                                 config.subscriptions.insert(name, s);
+                            }
+                        },
+                    );
+                }
+                "projections" => {
+                    named_tables(
+                        value,
+                        "projections",
+                        &mut errors,
+                        |name, key, value, errors| {
+                            if let Some(p) = section::<ProjectionConfig>(value, &key, errors) {
+                                config.projections.insert(name, p);
                             }
                         },
                     );
@@ -797,6 +810,16 @@ fn validate_apps(config: &Config, errors: &mut Vec<ConfigError>) {
 
 fn validate(config: &Config, errors: &mut Vec<ConfigError>) {
     validate_apps(config, errors);
+    for (name, projection) in &config.projections {
+        for (field, message) in projection.validate(name, config) {
+            let key = if field.is_empty() {
+                format!("projections.{name}")
+            } else {
+                format!("projections.{name}.{field}")
+            };
+            errors.push(ConfigError::new(key, message));
+        }
+    }
     for (name, component) in &config.components.eventstore {
         for (i, rule) in component.upcasters().iter().enumerate() {
             for (field, message) in rule.validate() {

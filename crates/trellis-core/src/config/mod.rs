@@ -40,6 +40,7 @@ mod apps;
 mod error;
 mod eventstore;
 mod load;
+mod projection;
 mod pubsub;
 pub mod resiliency;
 mod state;
@@ -62,6 +63,7 @@ pub use apps::{
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use eventstore::{EmbeddedEventStore, EventStoreComponent, PostgresEventStore, UpcastRule};
+pub use projection::{ProjectionConfig, StartAt};
 pub use pubsub::{
     EmbeddedPubSub, NatsPubSub, NatsStorage, PubSubComponent, PublishDurability, RedisPubSub,
     SubscriptionConfig, SubscriptionDefaults, is_topic_name,
@@ -91,6 +93,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// `[subscriptions.<name>]`: topics pushed to apps.
     pub subscriptions: BTreeMap<String, SubscriptionConfig>,
+    /// `[projections.<name>]`: event store projections computed by apps, with read
+    /// models in a state store.
+    pub projections: BTreeMap<String, ProjectionConfig>,
 }
 
 /// `[server]`: the HTTP listener and process-wide settings.

@@ -781,3 +781,52 @@ fn upcasting_rules_parse_and_are_checked() {
         "unknown field",
     );
 }
+
+#[test]
+fn projections_parse_and_are_checked() {
+    let config = load(
+        r#"
+        [apps.orders]
+        instances = ["http://127.0.0.1:8080"]
+
+        [projections.order-list]
+        source = "$ce-order"
+        app = "orders"
+        route = "/projections/order-list"
+        start = "end"
+        "#,
+    )
+    .expect("valid");
+    let p = &config.projections["order-list"];
+    assert_eq!(
+        (p.eventstore.as_str(), p.state.as_str(), p.batch_size),
+        ("default", "default", 100)
+    );
+    assert_eq!(p.prefix("order-list"), "order-list/");
+    let base = "[apps.orders]\ninstances = [\"http://127.0.0.1:8080\"]\n[projections.p]\nroute = \"/x\"\n";
+    assert_error(
+        &format!("{base}source = \"$al\"\napp = \"orders\"\n"),
+        "projections.p.source",
+        "$ce-<category>",
+    );
+    assert_error(
+        &format!("{base}source = \"$all\"\napp = \"nobody\"\n"),
+        "projections.p.app",
+        "no app",
+    );
+    assert_error(
+        &format!("{base}source = \"$all\"\napp = \"orders\"\nstate = \"cache\"\n"),
+        "projections.p.state",
+        "no state store",
+    );
+    assert_error(
+        &format!("{base}source = \"$all\"\napp = \"orders\"\nstart = \"middle\"\n"),
+        "projections.p.start",
+        "beginning",
+    );
+    assert_error(
+        &format!("{base}source = \"$all\"\napp = \"orders\"\nbatch_size = 0\n"),
+        "projections.p.batch_size",
+        "must be 1 to",
+    );
+}
