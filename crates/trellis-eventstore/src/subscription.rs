@@ -31,6 +31,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
@@ -77,15 +78,14 @@ struct State {
     done: bool,
 }
 
+/// A running subscription: a boxed (so `Unpin`) stream of events.
+pub type Subscription = Pin<Box<dyn Stream<Item = Result<RecordedEvent, EventStoreError>> + Send>>;
+
 /// Follows `source` from `start`: history first, then live events, in order.
 ///
 /// The stream ends only with an error (the subscription stops after it): the
 /// followed stream was hard-deleted, or the store failed.
-pub fn subscribe(
-    store: Arc<dyn EventStore>,
-    source: Source,
-    start: Start,
-) -> impl Stream<Item = Result<RecordedEvent, EventStoreError>> + Send {
+pub fn subscribe(store: Arc<dyn EventStore>, source: Source, start: Start) -> Subscription {
     let head = store.head();
     // "The end" is fixed now, not when the consumer first polls.
     let end = *head.borrow();
@@ -104,31 +104,34 @@ pub fn subscribe(
         buffer: VecDeque::new(),
         done: false,
     };
-    futures_util::stream::unfold(state, |mut state| async move {
-        if state.done {
-            return None;
-        }
-        loop {
-            if let Some(event) = state.buffer.pop_front() {
-                return Some((Ok(event), state));
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |mut state| async move {
+            if state.done {
+                return None;
             }
-            // Seen before reading, so an append that lands during the read is not missed.
-            state.head.borrow_and_update();
-            match state.fill().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    if state.head.changed().await.is_err() {
-                        // The store is gone: nothing more will come.
-                        return None;
+            loop {
+                if let Some(event) = state.buffer.pop_front() {
+                    return Some((Ok(event), state));
+                }
+                // Seen before reading, so an append that lands during the read is not missed.
+                state.head.borrow_and_update();
+                match state.fill().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if state.head.changed().await.is_err() {
+                            // The store is gone: nothing more will come.
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        state.done = true;
+                        return Some((Err(e), state));
                     }
                 }
-                Err(e) => {
-                    state.done = true;
-                    return Some((Err(e), state));
-                }
             }
-        }
-    })
+        },
+    ))
 }
 
 impl State {

@@ -803,7 +803,8 @@ fn projections_parse_and_are_checked() {
         ("default", "default", 100)
     );
     assert_eq!(p.prefix("order-list"), "order-list/");
-    let base = "[apps.orders]\ninstances = [\"http://127.0.0.1:8080\"]\n[projections.p]\nroute = \"/x\"\n";
+    let base =
+        "[apps.orders]\ninstances = [\"http://127.0.0.1:8080\"]\n[projections.p]\nroute = \"/x\"\n";
     assert_error(
         &format!("{base}source = \"$al\"\napp = \"orders\"\n"),
         "projections.p.source",
