@@ -808,17 +808,33 @@ fn validate_apps(config: &Config, errors: &mut Vec<ConfigError>) {
     }
 }
 
+/// Reports `(field, message)` problems of `[section.name]` (an empty field is the
+/// table itself).
+fn push_problems(
+    errors: &mut Vec<ConfigError>,
+    section: &str,
+    name: &str,
+    problems: Vec<(&'static str, String)>,
+) {
+    for (field, message) in problems {
+        let key = if field.is_empty() {
+            format!("{section}.{name}")
+        } else {
+            format!("{section}.{name}.{field}")
+        };
+        errors.push(ConfigError::new(key, message));
+    }
+}
+
 fn validate(config: &Config, errors: &mut Vec<ConfigError>) {
     validate_apps(config, errors);
     for (name, projection) in &config.projections {
-        for (field, message) in projection.validate(name, config) {
-            let key = if field.is_empty() {
-                format!("projections.{name}")
-            } else {
-                format!("projections.{name}.{field}")
-            };
-            errors.push(ConfigError::new(key, message));
-        }
+        push_problems(
+            errors,
+            "projections",
+            name,
+            projection.validate(name, config),
+        );
     }
     for (name, component) in &config.components.eventstore {
         for (i, rule) in component.upcasters().iter().enumerate() {
@@ -831,14 +847,12 @@ fn validate(config: &Config, errors: &mut Vec<ConfigError>) {
         }
     }
     for (name, subscription) in &config.subscriptions {
-        for (field, message) in subscription.validate(name, config) {
-            let key = if field.is_empty() {
-                format!("subscriptions.{name}")
-            } else {
-                format!("subscriptions.{name}.{field}")
-            };
-            errors.push(ConfigError::new(key, message));
-        }
+        push_problems(
+            errors,
+            "subscriptions",
+            name,
+            subscription.validate(name, config),
+        );
     }
     let server = &config.server;
     if !is_loopback(server.listen) && server.api_token.is_none() {
