@@ -144,6 +144,7 @@ fn title(code: &str, status: StatusCode) -> &'static str {
         "subscription_in_config" => "Subscription declared in the config file",
         "subscription_conflict" => "The subscription group follows another stream",
         "eventstore_not_found" => "No such event store",
+        "projection_not_found" => "No such projection",
         "invalid_stream" => "Invalid stream name",
         "stream_not_found" => "Stream not found",
         "stream_deleted" => "Stream deleted",

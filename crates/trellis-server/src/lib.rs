@@ -37,6 +37,7 @@ mod context;
 mod error;
 mod extract;
 mod openapi;
+mod projections;
 mod routes;
 mod server;
 mod subscriptions;

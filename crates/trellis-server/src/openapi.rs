@@ -2,7 +2,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{invoke, ops, persistent, pubsub, resilience, state, streams};
+use crate::routes::{invoke, ops, persistent, projections, pubsub, resilience, state, streams};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -58,6 +58,9 @@ use crate::routes::{invoke, ops, persistent, pubsub, resilience, state, streams}
         persistent::ack,
         persistent::nack,
         persistent::replay_parked,
+        projections::list,
+        projections::one,
+        projections::rebuild,
     ),
     components(schemas(crate::error::Problem)),
     tags(

@@ -20,6 +20,7 @@ use trellis_state::{StateError, StateStore};
 use crate::ApiError;
 use crate::auth::{Token, require_token};
 use crate::context::{ContextConfig, request_context};
+use crate::projections::Projections;
 use crate::routes::{self, AppState, ops};
 use crate::subscriptions::Subscriptions;
 
@@ -44,6 +45,14 @@ pub enum BuildError {
         /// Why it failed.
         #[source]
         source: trellis_eventstore::EventStoreError,
+    },
+    /// A projection could not be started.
+    #[error("projections.{name}: {reason}")]
+    Projection {
+        /// The projection's name.
+        name: String,
+        /// Why.
+        reason: String,
     },
     /// A pub/sub component failed to open.
     #[error("components.pubsub.{name}: {source}")]
@@ -229,6 +238,21 @@ impl Server {
         server.state.pubsubs = pubsubs;
         server.state.eventstores = Arc::new(eventstores);
         server.state.persistent = Arc::new(persistent);
+        match Projections::start(
+            &config,
+            &server.state.eventstores,
+            &server.state.stores,
+            &server.state.invoker,
+        ) {
+            Ok(projections) => server.state.projections = Arc::new(projections),
+            Err(e) => {
+                server.close().await;
+                return Err(BuildError::Projection {
+                    name: e.name,
+                    reason: e.reason,
+                });
+            }
+        }
         server.state.config = config;
         Ok(server)
     }
@@ -286,6 +310,7 @@ impl Server {
                 pubsubs: Arc::default(),
                 eventstores: Arc::default(),
                 persistent: Arc::default(),
+                projections: Arc::default(),
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
                 config: whole,
             },
@@ -336,6 +361,7 @@ impl Server {
             .merge(routes::pubsub::router())
             .merge(routes::streams::router())
             .merge(routes::persistent::router())
+            .merge(routes::projections::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())
@@ -466,6 +492,8 @@ impl Server {
                 "push deliveries still in progress at the drain timeout; they will be redelivered"
             );
         }
+        // Projections stop after their batch in progress (committed or not at all).
+        self.state.projections.stop_all().await;
         close_pubsubs(&self.state.pubsubs).await;
         close_eventstores(&self.state.eventstores).await;
         close_all(&self.state.stores).await;

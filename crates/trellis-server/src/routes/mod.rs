@@ -3,6 +3,7 @@
 pub(crate) mod invoke;
 pub(crate) mod ops;
 pub(crate) mod persistent;
+pub(crate) mod projections;
 pub(crate) mod proxy;
 pub(crate) mod pubsub;
 pub(crate) mod resilience;
@@ -33,6 +34,8 @@ pub(crate) struct AppState {
     /// Persistent subscriptions of each event store component.
     pub(crate) persistent:
         Arc<BTreeMap<String, Arc<trellis_eventstore::persistent::PersistentSubscriptions>>>,
+    /// Projections run for apps.
+    pub(crate) projections: Arc<crate::projections::Projections>,
     /// The open pub/sub components.
     pub(crate) pubsubs: Arc<BTreeMap<String, Arc<dyn trellis_pubsub::PubSub>>>,
     /// Push subscriptions.
