@@ -41,14 +41,11 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Self {
-        let var =
-            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let var = load::knob;
         Self {
-            seconds: var("BENCH_SECONDS", "5").parse().expect("BENCH_SECONDS"),
-            concurrency: var("BENCH_CONCURRENCY", "16")
-                .parse()
-                .expect("BENCH_CONCURRENCY"),
-            rate: var("BENCH_RATE", "1000").parse().expect("BENCH_RATE"),
+            seconds: load::number("BENCH_SECONDS", "5"),
+            concurrency: load::number("BENCH_CONCURRENCY", "16"),
+            rate: load::number("BENCH_RATE", "1000"),
             nats_url: var("TRELLIS_TEST_NATS_URL", "nats://127.0.0.1:4222"),
             redis_url: var("TRELLIS_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
         }

@@ -34,13 +34,10 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Self {
-        let var =
-            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let var = load::knob;
         Self {
-            seconds: var("BENCH_SECONDS", "5").parse().expect("BENCH_SECONDS"),
-            concurrency: var("BENCH_CONCURRENCY", "32")
-                .parse()
-                .expect("BENCH_CONCURRENCY"),
+            seconds: load::number("BENCH_SECONDS", "5"),
+            concurrency: load::number("BENCH_CONCURRENCY", "32"),
             backends: var("BENCH_BACKENDS", "embedded,postgres,redis")
                 .split(',')
                 .map(str::to_owned)

@@ -32,6 +32,18 @@ where
     Arc::new(move |w, i| Box::pin(f(w, i)))
 }
 
+/// A benchmark knob: environment variable `name`, else `default`.
+pub(crate) fn knob(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A numeric knob; a value that doesn't parse stops the benchmark, naming it.
+pub(crate) fn number<T: std::str::FromStr>(name: &str, default: &str) -> T {
+    knob(name, default)
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} must be a number"))
+}
+
 /// Runs `op(worker, i)` from `concurrency` workers for `seconds`.
 pub(crate) async fn drive(seconds: u64, concurrency: usize, op: Op) -> Outcome {
     let deadline = Instant::now() + Duration::from_secs(seconds);
