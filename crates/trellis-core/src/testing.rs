@@ -86,7 +86,12 @@ impl Etcd {
             .args(["--name", "trellis-test"])
             .arg("--data-dir")
             .arg(&dir)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("trellis-test={peer_url}")])
