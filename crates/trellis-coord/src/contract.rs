@@ -24,6 +24,44 @@
 //!
 //! Checks use a backend's granted TTL and deadline ([`Lease::ttl`],
 //! [`Lease::expires_at`]), never the requested ones: a backend may round TTLs up.
+//!
+//! # Writing a backend that passes
+//! What the etcd and PostgreSQL backends must do (the embedded one does it in
+//! memory):
+//! 1. **Deadlines are computed by the client and err early**: `expires_at` is an
+//!    `Instant` taken *before* sending the grant or renewal plus the granted TTL, so
+//!    it is never later than the moment the server frees the name. Report the
+//!    granted TTL (etcd rounds to whole seconds and has a minimum).
+//! 2. **A token is committed before it is returned and grows per (kind, name)
+//!    across restarts** (gaps are fine, tokens start above 0). etcd: one transaction
+//!    "holder key absent → put the holder key (on the lease) and a lease-less fence
+//!    key", the token being that transaction's revision and `latest_token` the fence
+//!    key's mod revision — the grant's revision, not a waiter key's (the lock recipe's
+//!    waiter revisions would make the current holder's token look stale).
+//!    PostgreSQL: a never-deleted row per (kind, name), granted by
+//!    `UPDATE … SET owner, token = token + 1, expires_at = clock_timestamp() + ttl
+//!    WHERE owner IS NULL OR expires_at <= clock_timestamp() RETURNING token`
+//!    (`now()` is the transaction's start, not the database's clock).
+//! 3. **Only the holder, and expiry is final**: extend and release compare owner,
+//!    token and "not expired" on the server and answer [`CoordError::NotHolder`]
+//!    otherwise; a holder re-acquiring gets its lease back, extended.
+//! 4. **etcd: a different TTL needs a new lease** (`KeepAlive` renews to the
+//!    original TTL): grant one, re-attach the key in a transaction guarded by the
+//!    token, revoke the old one; the token doesn't change and `observe` filters on
+//!    the token so this is not a new term.
+//! 5. **Waiting wakes on release and on expiry nobody triggers**: a watch on the
+//!    key's deletion (etcd); `LISTEN`/`NOTIFY` plus a timer at the holder's expiry
+//!    (PostgreSQL). A waiter that gives up cleans up (etcd waiter keys on a lease);
+//!    [`CoordError::Timeout`] no earlier than `wait`. FIFO is not required.
+//! 6. **`observe`** starts from the current leader, then a watch (etcd) or
+//!    `NOTIFY` plus an expiry timer (PostgreSQL); it publishes term changes only,
+//!    never an older term.
+//! 7. **Input is checked before any I/O** with the crate's shared checks (so those
+//!    backends live in this crate); connection trouble is
+//!    [`CoordError::Unavailable`], so guards retry until the deadline; `close()`
+//!    wakes blocked calls and fails later ones.
+//! 8. **The harness** gives each test its own key prefix or schema, and `open()`
+//!    after `close()` sees the same data.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
