@@ -2,7 +2,9 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{invoke, ops, persistent, projections, pubsub, resilience, state, streams};
+use crate::routes::{
+    coord, invoke, ops, persistent, projections, pubsub, resilience, state, streams,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -61,6 +63,15 @@ use crate::routes::{invoke, ops, persistent, projections, pubsub, resilience, st
         projections::list,
         projections::one,
         projections::rebuild,
+        coord::acquire,
+        coord::extend,
+        coord::release,
+        coord::lock_holder,
+        coord::campaign,
+        coord::keep_alive,
+        coord::resign,
+        coord::leader,
+        coord::observe,
     ),
     components(schemas(crate::error::Problem)),
     tags(
@@ -69,6 +80,7 @@ use crate::routes::{invoke, ops, persistent, projections, pubsub, resilience, st
         (name = "invoke", description = "Calls to other apps through their instances and resilience policies"),
         (name = "streams", description = "Event store: streams with expected versions, $all, categories, catch-up subscriptions, metadata, snapshots"),
         (name = "pubsub", description = "CloudEvents on topics: publish, pull or push delivery to consumer groups, dead letters"),
+        (name = "coordination", description = "Locks and leader election with fencing tokens"),
         (name = "resilience", description = "Breakers, bulkheads, limiters, retry budgets, fault injection and upstream health"),
     )
 )]

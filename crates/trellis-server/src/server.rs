@@ -46,6 +46,9 @@ pub enum BuildError {
         #[source]
         source: trellis_eventstore::EventStoreError,
     },
+    /// The coordinator (locks, elections) failed to open.
+    #[error("coordination: {0}")]
+    Coord(#[source] trellis_coord::CoordError),
     /// A projection could not be started.
     #[error("projections.{name}: {reason}")]
     Projection {
@@ -238,6 +241,16 @@ impl Server {
         server.state.pubsubs = pubsubs;
         server.state.eventstores = Arc::new(eventstores);
         server.state.persistent = Arc::new(persistent);
+        // Missing only when no component is embedded; `open` reports a failure.
+        let _ = std::fs::create_dir_all(&data_dir);
+        match trellis_coord::embedded::EmbeddedCoordinator::open(data_dir.join("coord.redb")).await
+        {
+            Ok(coord) => server.state.coord = Some(Arc::new(coord)),
+            Err(e) => {
+                server.close().await;
+                return Err(BuildError::Coord(e));
+            }
+        }
         match Projections::start(
             &config,
             &server.state.eventstores,
@@ -311,6 +324,7 @@ impl Server {
                 eventstores: Arc::default(),
                 persistent: Arc::default(),
                 projections: Arc::default(),
+                coord: None,
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
                 config: whole,
             },
@@ -362,6 +376,7 @@ impl Server {
             .merge(routes::streams::router())
             .merge(routes::persistent::router())
             .merge(routes::projections::router())
+            .merge(routes::coord::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())
@@ -494,6 +509,11 @@ impl Server {
         }
         // Projections stop after their batch in progress (committed or not at all).
         self.state.projections.stop_all().await;
+        if let Some(coord) = &self.state.coord
+            && let Err(e) = coord.close().await
+        {
+            tracing::warn!(error = %e, "closing the coordinator failed");
+        }
         close_pubsubs(&self.state.pubsubs).await;
         close_eventstores(&self.state.eventstores).await;
         close_all(&self.state.stores).await;

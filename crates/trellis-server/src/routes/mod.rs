@@ -1,5 +1,6 @@
 //! Routes, one module per API area.
 
+pub(crate) mod coord;
 pub(crate) mod invoke;
 pub(crate) mod ops;
 pub(crate) mod persistent;
@@ -34,6 +35,8 @@ pub(crate) struct AppState {
     /// Persistent subscriptions of each event store component.
     pub(crate) persistent:
         Arc<BTreeMap<String, Arc<trellis_eventstore::persistent::PersistentSubscriptions>>>,
+    /// Locks and elections (embedded, in the data directory).
+    pub(crate) coord: Option<Arc<dyn trellis_coord::Coordinator>>,
     /// Projections run for apps.
     pub(crate) projections: Arc<crate::projections::Projections>,
     /// The open pub/sub components.
