@@ -235,3 +235,91 @@ async fn leader_election_over_http() {
     let (_, current) = get(&t, "/v1/elections/restock").await;
     assert_eq!(current["leader"], "inventory-2");
 }
+
+#[tokio::test]
+async fn state_writes_carrying_a_stale_fencing_token_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = Trellis::start_in(dir.path(), "").await;
+    let put = |token: u64, body: &'static str| {
+        client()
+            .put(t.url("/v1/state/default/stock/apples"))
+            .header("Trellis-Fencing", format!("restock:{token}"))
+            .body(body)
+            .send()
+    };
+    let (_, a) = post(
+        &t,
+        "/v1/locks/restock/acquire",
+        json!({"owner": "a", "ttl": "30s"}),
+    )
+    .await;
+    let old = a["fencing_token"].as_u64().expect("token");
+    assert_eq!(put(old, "10").await.expect("put").status().as_u16(), 204);
+    post(
+        &t,
+        "/v1/locks/restock/release",
+        json!({"owner": "a", "fencing_token": old}),
+    )
+    .await;
+    let (_, b) = post(
+        &t,
+        "/v1/locks/restock/acquire",
+        json!({"owner": "b", "ttl": "30s"}),
+    )
+    .await;
+    let new = b["fencing_token"].as_u64().expect("token");
+
+    // The old holder, paused through its lease, comes back: refused, even before the
+    // new holder wrote anything.
+    let late = put(old, "999").await.expect("put");
+    assert_eq!(late.status().as_u16(), 409);
+    let problem: Value = late.json().await.expect("json");
+    assert_eq!(
+        (code(&problem), problem["latest_token"].as_u64()),
+        ("stale_fencing_token", Some(new))
+    );
+    assert_eq!(put(new, "12").await.expect("put").status().as_u16(), 204);
+    let stored = client()
+        .get(t.url("/v1/state/default/stock/apples"))
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(stored, "12");
+
+    // Deletes and transactions are fenced too; a write's own precondition keeps its code.
+    let delete = client()
+        .delete(t.url("/v1/state/default/stock/apples"))
+        .header("Trellis-Fencing", format!("restock:{old}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(delete.status().as_u16(), 409);
+    let tx = client()
+        .post(t.url("/v1/state/default/transaction"))
+        .header("Trellis-Fencing", format!("restock:{old}"))
+        .json(&json!({"operations": [{"op": "upsert", "key": "stock/pears", "value": 1}]}))
+        .send()
+        .await
+        .expect("tx");
+    assert_eq!(tx.status().as_u16(), 409);
+    let exists = client()
+        .put(t.url("/v1/state/default/stock/apples"))
+        .header("Trellis-Fencing", format!("restock:{new}"))
+        .header("If-None-Match", "*")
+        .body("1")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(exists.status().as_u16(), 412);
+    let bad = client()
+        .put(t.url("/v1/state/default/stock/apples"))
+        .header("Trellis-Fencing", "restock")
+        .body("1")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(bad.status().as_u16(), 400);
+}

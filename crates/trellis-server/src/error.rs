@@ -151,6 +151,8 @@ fn title(code: &str, status: StatusCode) -> &'static str {
         "not_leader" => "Not the leader",
         "election_not_found" => "No such election",
         "invalid_name" => "Invalid name",
+        "stale_fencing_token" => "A newer fencing token has been issued",
+        "invalid_fencing_token" => "Invalid Trellis-Fencing header",
         "invalid_stream" => "Invalid stream name",
         "stream_not_found" => "Stream not found",
         "stream_deleted" => "Stream deleted",

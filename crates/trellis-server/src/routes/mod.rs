@@ -1,6 +1,7 @@
 //! Routes, one module per API area.
 
 pub(crate) mod coord;
+pub(crate) mod fencing;
 pub(crate) mod invoke;
 pub(crate) mod ops;
 pub(crate) mod persistent;

@@ -360,7 +360,19 @@ pub(crate) async fn put_key(
         ttl: parse_ttl(query.ttl.as_deref())?,
     };
     let value = Value::new(body, content_type(&headers)?);
-    let etag = store.set(&path.key, value, options).await?;
+    let etag = match super::fencing::fence_of(&headers)? {
+        None => store.set(&path.key, value, options).await?,
+        Some(fence) => {
+            let write = Operation::Upsert {
+                key: path.key.clone(),
+                value,
+                options,
+            };
+            super::fencing::single(&app, store, &fence, write)
+                .await?
+                .ok_or_else(|| ApiError::internal("a fenced write returned no etag"))?
+        }
+    };
     let mut response = StatusCode::NO_CONTENT.into_response();
     if let Some(etag) = etag_header(&etag) {
         response.headers_mut().insert(header::ETAG, etag);
@@ -388,7 +400,18 @@ pub(crate) async fn delete_key(
 ) -> Result<StatusCode, ApiError> {
     let store = app.store(&path.store)?;
     let precondition = precondition(&headers)?;
-    store.delete(&path.key, precondition).await?;
+    match super::fencing::fence_of(&headers)? {
+        None => {
+            store.delete(&path.key, precondition).await?;
+        }
+        Some(fence) => {
+            let delete = Operation::Delete {
+                key: path.key.clone(),
+                precondition,
+            };
+            super::fencing::single(&app, store, &fence, delete).await?;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -611,6 +634,7 @@ fn operation(index: usize, op: OperationRequest) -> Result<Operation, ApiError> 
 pub(crate) async fn transaction(
     State(app): State<AppState>,
     crate::extract::Path(store): crate::extract::Path<String>,
+    headers: HeaderMap,
     Json(request): Json<TransactionRequest>,
 ) -> Result<axum::Json<TransactionResponse>, ApiError> {
     let store = app.store(&store)?;
@@ -633,7 +657,10 @@ pub(crate) async fn transaction(
         .iter()
         .map(|op| op.key().as_str().to_owned())
         .collect();
-    let etags = store.transact(operations).await?;
+    let etags = match super::fencing::fence_of(&headers)? {
+        None => store.transact(operations).await?,
+        Some(fence) => super::fencing::transact(&app, store, &fence, operations).await?,
+    };
     let results = keys
         .into_iter()
         .zip(etags)
