@@ -166,6 +166,58 @@ fn ttl_of(body: &HolderBody) -> Result<Duration, ApiError> {
         .ok_or_else(|| ApiError::bad_request("invalid_ttl", "ttl is required"))
 }
 
+/// Acquires a lock or campaigns, waiting up to `wait`.
+async fn grant(
+    state: &AppState,
+    kind: Kind,
+    name: &str,
+    body: AcquireBody,
+) -> Result<Response, ApiError> {
+    let coord = state.coordinator()?;
+    let name = name_of(name)?;
+    let wait = body.wait.unwrap_or_default();
+    let lease = match kind {
+        Kind::Lock => coord.acquire(&name, &body.owner, body.ttl, wait).await?,
+        _ => coord.campaign(&name, &body.owner, body.ttl, wait).await?,
+    };
+    Ok(axum::Json(lease_json(&lease)).into_response())
+}
+
+/// Extends a lock or keeps a leader alive.
+async fn renew(
+    state: &AppState,
+    kind: Kind,
+    name: &str,
+    body: HolderBody,
+) -> Result<Response, ApiError> {
+    let coord = state.coordinator()?;
+    let name = name_of(name)?;
+    let ttl = ttl_of(&body)?;
+    let (owner, token) = (&body.owner, body.fencing_token);
+    let lease = match kind {
+        Kind::Lock => coord.extend(&name, owner, token, ttl).await?,
+        _ => coord.keep_alive(&name, owner, token, ttl).await?,
+    };
+    Ok(axum::Json(lease_json(&lease)).into_response())
+}
+
+/// Releases a lock or resigns.
+async fn give_up(
+    state: &AppState,
+    kind: Kind,
+    name: &str,
+    body: HolderBody,
+) -> Result<Response, ApiError> {
+    let coord = state.coordinator()?;
+    let name = name_of(name)?;
+    let (owner, token) = (&body.owner, body.fencing_token);
+    match kind {
+        Kind::Lock => coord.release(&name, owner, token).await?,
+        _ => coord.resign(&name, owner, token).await?,
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// Acquires a lock, waiting up to `wait`. The fencing token is strictly greater
 /// than every earlier holder's: pass it to storage (`Trellis-Fencing`) so that a
 /// holder that lost its lease can't overwrite its successor's work.
@@ -179,12 +231,7 @@ pub(crate) async fn acquire(
     Path(name): Path<String>,
     Json(body): Json<AcquireBody>,
 ) -> Result<Response, ApiError> {
-    let coord = state.coordinator()?;
-    let name = name_of(&name)?;
-    let lease = coord
-        .acquire(&name, &body.owner, body.ttl, body.wait.unwrap_or_default())
-        .await?;
-    Ok(axum::Json(lease_json(&lease)).into_response())
+    grant(&state, Kind::Lock, &name, body).await
 }
 
 /// Extends a held lock (only by its holder: 403 `not_lock_holder` otherwise).
@@ -197,13 +244,7 @@ pub(crate) async fn extend(
     Path(name): Path<String>,
     Json(body): Json<HolderBody>,
 ) -> Result<Response, ApiError> {
-    let coord = state.coordinator()?;
-    let name = name_of(&name)?;
-    let ttl = ttl_of(&body)?;
-    let lease = coord
-        .extend(&name, &body.owner, body.fencing_token, ttl)
-        .await?;
-    Ok(axum::Json(lease_json(&lease)).into_response())
+    renew(&state, Kind::Lock, &name, body).await
 }
 
 /// Releases a lock (only by its holder: 403 `not_lock_holder` otherwise).
@@ -216,12 +257,7 @@ pub(crate) async fn release(
     Path(name): Path<String>,
     Json(body): Json<HolderBody>,
 ) -> Result<Response, ApiError> {
-    let coord = state.coordinator()?;
-    let name = name_of(&name)?;
-    coord
-        .release(&name, &body.owner, body.fencing_token)
-        .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    give_up(&state, Kind::Lock, &name, body).await
 }
 
 /// Who holds a lock (`"owner": null` if nobody), and the newest token issued.
@@ -253,12 +289,7 @@ pub(crate) async fn campaign(
     Path(name): Path<String>,
     Json(body): Json<AcquireBody>,
 ) -> Result<Response, ApiError> {
-    let coord = state.coordinator()?;
-    let name = name_of(&name)?;
-    let lease = coord
-        .campaign(&name, &body.owner, body.ttl, body.wait.unwrap_or_default())
-        .await?;
-    Ok(axum::Json(lease_json(&lease)).into_response())
+    grant(&state, Kind::Election, &name, body).await
 }
 
 /// Keeps the leader's lease alive (only by the leader: 403 `not_leader`).
@@ -271,13 +302,7 @@ pub(crate) async fn keep_alive(
     Path(name): Path<String>,
     Json(body): Json<HolderBody>,
 ) -> Result<Response, ApiError> {
-    let coord = state.coordinator()?;
-    let name = name_of(&name)?;
-    let ttl = ttl_of(&body)?;
-    let lease = coord
-        .keep_alive(&name, &body.owner, body.fencing_token, ttl)
-        .await?;
-    Ok(axum::Json(lease_json(&lease)).into_response())
+    renew(&state, Kind::Election, &name, body).await
 }
 
 /// Resigns leadership (only by the leader: 403 `not_leader`).
