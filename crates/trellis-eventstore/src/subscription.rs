@@ -53,6 +53,35 @@ pub enum Source {
     Category(String),
 }
 
+impl std::str::FromStr for Source {
+    type Err = crate::event::Invalid;
+
+    /// `$all`, `$ce-<category>`, or a stream name.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        if name == crate::event::ALL {
+            return Ok(Self::All);
+        }
+        match name.strip_prefix(crate::event::CATEGORY_PREFIX) {
+            Some("") => Err(crate::event::Invalid(
+                "a category stream is $ce-<category>".into(),
+            )),
+            Some(category) => Ok(Self::Category(category.to_owned())),
+            None => StreamName::new(name).map(Self::Stream),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    /// The name that parses back to it: `$all`, `$ce-<category>` or the stream.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str(crate::event::ALL),
+            Self::Category(c) => write!(f, "{}{c}", crate::event::CATEGORY_PREFIX),
+            Self::Stream(s) => f.write_str(s.as_str()),
+        }
+    }
+}
+
 /// Where to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -218,6 +247,20 @@ mod test {
     use super::*;
     use crate::embedded::EmbeddedEventStore;
     use crate::{Append, Deletion, EventData, ExpectedVersion};
+
+    #[test]
+    fn sources_parse_and_print_back() {
+        for name in ["$all", "$ce-order", "order-17"] {
+            let source: Source = name.parse().expect("valid");
+            assert_eq!(source.to_string(), name);
+        }
+        assert_eq!(
+            "$ce-order".parse::<Source>().ok(),
+            Some(Source::Category("order".into()))
+        );
+        assert!("$ce-".parse::<Source>().is_err());
+        assert!("$other".parse::<Source>().is_err());
+    }
 
     async fn store() -> (Arc<dyn EventStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -33,9 +33,8 @@ use trellis_core::{Config, RequestId, TraceContext};
 use trellis_cqrs::projection::{
     Projection, ProjectionError, ProjectionHandle, ProjectionRunner, ProjectionStatus, ViewBatch,
 };
-use trellis_eventstore::event::{ALL, CATEGORY_PREFIX};
 use trellis_eventstore::subscription::{Source, Start};
-use trellis_eventstore::{EventStore, RecordedEvent, StreamName};
+use trellis_eventstore::{EventStore, RecordedEvent};
 use trellis_proxy::{Invoker, ProxyBody, Target, forward};
 use trellis_state::StateStore;
 
@@ -67,19 +66,6 @@ pub(crate) struct Projections {
     running: BTreeMap<String, Running>,
 }
 
-/// The source named by `source`: `$all`, `$ce-<category>` or a stream.
-pub(crate) fn source_of(source: &str) -> Result<Source, String> {
-    if source == ALL {
-        return Ok(Source::All);
-    }
-    if let Some(category) = source.strip_prefix(CATEGORY_PREFIX) {
-        return Ok(Source::Category(category.to_owned()));
-    }
-    StreamName::new(source)
-        .map(Source::Stream)
-        .map_err(|e| e.to_string())
-}
-
 impl Projections {
     /// Starts every `[projections.<name>]`.
     pub(crate) fn start(
@@ -103,7 +89,10 @@ impl Projections {
             let target = invoker
                 .target(&p.app)
                 .ok_or_else(|| fail(format!("no app {:?}", p.app)))?;
-            let source = source_of(&p.source).map_err(&fail)?;
+            let source: Source = p
+                .source
+                .parse()
+                .map_err(|e: trellis_eventstore::event::Invalid| fail(e.to_string()))?;
             let start = match &p.start {
                 None => Start::Beginning,
                 Some(StartAt::Position(at)) => Start::At(*at),

@@ -18,7 +18,6 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use trellis_core::config::units;
-use trellis_eventstore::event::{ALL, CATEGORY_PREFIX};
 use trellis_eventstore::persistent::{
     Delivery, GroupInfo, MAX_WAIT, NackAction, Outcome, PersistentSubscriptions, Settings,
 };
@@ -26,7 +25,7 @@ use trellis_eventstore::subscription::{Source, Start};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::streams::{StoreQuery, event_json, stream_name};
+use super::streams::{StoreQuery, event_json, source_of};
 use crate::ApiError;
 use crate::extract::{Json, JsonOrDefault, Path, Query};
 
@@ -66,28 +65,8 @@ impl AppState {
     }
 }
 
-fn source_of(stream: &str) -> Result<Source, ApiError> {
-    Ok(if stream == ALL {
-        Source::All
-    } else if let Some(category) = stream.strip_prefix(CATEGORY_PREFIX) {
-        if category.is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid_stream",
-                "a category stream is $ce-<category>",
-            ));
-        }
-        Source::Category(category.to_owned())
-    } else {
-        Source::Stream(stream_name(stream)?)
-    })
-}
-
 fn source_json(source: &Source) -> Value {
-    match source {
-        Source::All => Value::from(ALL),
-        Source::Category(c) => Value::from(format!("{CATEGORY_PREFIX}{c}")),
-        Source::Stream(s) => Value::from(s.as_str()),
-    }
+    Value::from(source.to_string())
 }
 
 fn info_json(info: &GroupInfo) -> Value {

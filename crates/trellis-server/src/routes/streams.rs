@@ -88,6 +88,15 @@ impl AppState {
     }
 }
 
+/// What `stream` names for reading: `$all`, `$ce-<category>` or a stream.
+pub(crate) fn source_of(stream: &str) -> Result<Source, ApiError> {
+    stream
+        .parse()
+        .map_err(|e: trellis_eventstore::event::Invalid| {
+            ApiError::bad_request("invalid_stream", e.to_string())
+        })
+}
+
 pub(crate) fn stream_name(name: &str) -> Result<StreamName, ApiError> {
     StreamName::new(name).map_err(|e| ApiError::bad_request("invalid_stream", e.to_string()))
 }
@@ -537,13 +546,7 @@ pub(crate) async fn subscribe_sse(
     Query(query): Query<SubscribeQuery>,
 ) -> Result<Response, ApiError> {
     let store = Arc::clone(state.event_store(query.store.as_deref())?);
-    let source = if stream == ALL {
-        Source::All
-    } else if let Some(category) = stream.strip_prefix(CATEGORY_PREFIX) {
-        Source::Category(category.to_owned())
-    } else {
-        Source::Stream(stream_name(&stream)?)
-    };
+    let source = source_of(&stream)?;
     let start = match query.from.as_deref() {
         None | Some("start") => Start::Beginning,
         Some("end") => Start::End,
