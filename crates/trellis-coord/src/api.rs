@@ -393,6 +393,164 @@ pub(crate) async fn give_up(coord: &dyn Coordinator, lease: &Lease) -> Result<()
     }
 }
 
+// === backends written once for both kinds ===
+
+/// A backend whose locks and elections share one code path, differing only in
+/// [`Kind`]; it gets [`Coordinator`] from the blanket impl below, so the mapping of
+/// `acquire`/`campaign`, `extend`/`keep_alive`, `release`/`resign` onto that path
+/// is written once for every such backend.
+#[async_trait]
+pub(crate) trait ByKind: Debug + Send + Sync + 'static {
+    /// [`Coordinator::backend`].
+    fn backend_name(&self) -> &'static str;
+
+    /// [`Coordinator::acquire`] or [`Coordinator::campaign`].
+    async fn take_lease(
+        &self,
+        kind: Kind,
+        name: &Name,
+        owner: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, CoordError>;
+
+    /// [`Coordinator::extend`] or [`Coordinator::keep_alive`].
+    async fn renew_lease(
+        &self,
+        kind: Kind,
+        name: &Name,
+        owner: &str,
+        fencing_token: u64,
+        ttl: Duration,
+    ) -> Result<Lease, CoordError>;
+
+    /// [`Coordinator::release`] or [`Coordinator::resign`].
+    async fn end_lease(
+        &self,
+        kind: Kind,
+        name: &Name,
+        owner: &str,
+        fencing_token: u64,
+    ) -> Result<(), CoordError>;
+
+    /// [`Coordinator::lock_holder`] or [`Coordinator::leader`].
+    async fn current_lease(&self, kind: Kind, name: &Name) -> Result<Option<Lease>, CoordError>;
+
+    /// [`Coordinator::observe`].
+    async fn follow_leader(
+        &self,
+        name: &Name,
+    ) -> Result<watch::Receiver<Option<LeaderInfo>>, CoordError>;
+
+    /// [`Coordinator::latest_token`].
+    async fn newest_token(&self, kind: Kind, name: &Name) -> Result<u64, CoordError>;
+
+    /// [`Coordinator::health`].
+    async fn check_health(&self) -> Result<(), CoordError>;
+
+    /// [`Coordinator::close`].
+    async fn shut_down(&self) -> Result<(), CoordError>;
+}
+
+#[async_trait]
+impl<T: ByKind> Coordinator for T {
+    fn backend(&self) -> &'static str {
+        self.backend_name()
+    }
+
+    async fn acquire(
+        &self,
+        name: &Name,
+        owner: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, CoordError> {
+        self.take_lease(Kind::Lock, name, owner, ttl, wait).await
+    }
+
+    async fn extend(
+        &self,
+        name: &Name,
+        owner: &str,
+        fencing_token: u64,
+        ttl: Duration,
+    ) -> Result<Lease, CoordError> {
+        self.renew_lease(Kind::Lock, name, owner, fencing_token, ttl)
+            .await
+    }
+
+    async fn release(
+        &self,
+        name: &Name,
+        owner: &str,
+        fencing_token: u64,
+    ) -> Result<(), CoordError> {
+        self.end_lease(Kind::Lock, name, owner, fencing_token).await
+    }
+
+    async fn lock_holder(&self, name: &Name) -> Result<Option<Lease>, CoordError> {
+        self.current_lease(Kind::Lock, name).await
+    }
+
+    async fn campaign(
+        &self,
+        name: &Name,
+        candidate: &str,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Lease, CoordError> {
+        self.take_lease(Kind::Election, name, candidate, ttl, wait)
+            .await
+    }
+
+    async fn keep_alive(
+        &self,
+        name: &Name,
+        candidate: &str,
+        fencing_token: u64,
+        ttl: Duration,
+    ) -> Result<Lease, CoordError> {
+        self.renew_lease(Kind::Election, name, candidate, fencing_token, ttl)
+            .await
+    }
+
+    async fn resign(
+        &self,
+        name: &Name,
+        candidate: &str,
+        fencing_token: u64,
+    ) -> Result<(), CoordError> {
+        self.end_lease(Kind::Election, name, candidate, fencing_token)
+            .await
+    }
+
+    async fn leader(&self, name: &Name) -> Result<Option<LeaderInfo>, CoordError> {
+        Ok(self
+            .current_lease(Kind::Election, name)
+            .await?
+            .map(|l| LeaderInfo::from(&l)))
+    }
+
+    async fn observe(
+        &self,
+        name: &Name,
+    ) -> Result<watch::Receiver<Option<LeaderInfo>>, CoordError> {
+        self.follow_leader(name).await
+    }
+
+    async fn latest_token(&self, kind: Kind, name: &Name) -> Result<u64, CoordError> {
+        self.newest_token(kind, name).await
+    }
+
+    async fn health(&self) -> Result<(), CoordError> {
+        self.check_health().await
+    }
+
+    async fn close(&self) -> Result<(), CoordError> {
+        self.shut_down().await
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;

@@ -18,6 +18,8 @@
 //!   `lost()` future that fires when they are no longer held.
 //! - [`detector`]: failure detectors for the registry — heartbeats with a TTL,
 //!   phi accrual, and flap damping — driven by the caller's clock.
+//! - [`registry`]: the service registry — instances, their health (alive, suspect,
+//!   dead) from those detectors, flap damping, blocking queries and change events.
 //! - [`embedded`]: the single-node backend (leases in memory, tokens fsynced to redb).
 //! - `contract` (feature `contract`): the test suite every backend passes, including
 //!   a randomized history checker for mutual exclusion.
@@ -51,8 +53,13 @@
 mod api;
 pub mod detector;
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 mod guard;
 mod name;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+pub mod registry;
 
 #[cfg(feature = "contract")]
 pub mod contract;
