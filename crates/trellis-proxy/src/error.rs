@@ -18,6 +18,20 @@ pub struct NoHealthyUpstream {
     pub app: String,
 }
 
+/// A request pinned to one instance ([`PinnedInstance`](crate::PinnedInstance)) can't
+/// go there: it is not an instance of the app, fails its health checks, or is
+/// ejected. Never sent elsewhere: the caller chose the instance for a reason.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("instance {instance} of {app:?} is unavailable: {reason}")]
+pub struct InstanceUnavailable {
+    /// The app.
+    pub app: String,
+    /// The instance asked for.
+    pub instance: String,
+    /// Why: `not an instance of the app`, `failing health checks` or `ejected`.
+    pub reason: &'static str,
+}
+
 /// The upstream connection failed after the request was (possibly) sent.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("upstream {instance} failed: {reason}")]
@@ -58,6 +72,7 @@ impl InvokeError {
             .or_else(|| cause_ref::<BulkheadFull>(e).map(|b| b.retry_after))
             .or_else(|| cause_ref::<RateLimited>(e).map(|r| r.retry_after))
             .or_else(|| cause_ref::<NoHealthyUpstream>(e).map(|_| Duration::from_secs(1)))
+            .or_else(|| cause_ref::<InstanceUnavailable>(e).map(|_| Duration::from_secs(1)))
     }
 
     fn classify(&self) -> (StatusCode, &'static str) {
@@ -73,6 +88,8 @@ impl InvokeError {
             (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
         } else if cause_ref::<NoHealthyUpstream>(e).is_some() {
             (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_upstream")
+        } else if cause_ref::<InstanceUnavailable>(e).is_some() {
+            (StatusCode::SERVICE_UNAVAILABLE, "instance_unavailable")
         } else if cause_ref::<Timeout>(e).is_some() {
             (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
         } else if let Some(fault) = cause_ref::<InjectedFault>(e) {
@@ -101,6 +118,15 @@ mod test {
                 failed(Box::new(NoHealthyUpstream { app: "x".into() })),
                 503,
                 "no_healthy_upstream",
+            ),
+            (
+                failed(Box::new(InstanceUnavailable {
+                    app: "x".into(),
+                    instance: "http://10.0.0.1:80".into(),
+                    reason: "ejected",
+                })),
+                503,
+                "instance_unavailable",
             ),
             (
                 failed(Box::new(CircuitOpen {

@@ -15,6 +15,7 @@ use trellis_shard::Ring;
 
 use crate::balance::{self, Node};
 use crate::endpoint::{Endpoint, EndpointSnapshot};
+use crate::error::InstanceUnavailable;
 use crate::upstream::HttpClient;
 
 /// Virtual nodes per instance on the hash ring.
@@ -39,6 +40,8 @@ pub(crate) struct Group {
     counter: AtomicUsize,
     rng: Mutex<fastrand::Rng>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The instance list followed, for others that must follow it too.
+    source: watch::Receiver<Vec<String>>,
 }
 
 /// An app's instances as the API shows them.
@@ -70,6 +73,7 @@ impl Group {
             counter: AtomicUsize::new(0),
             rng: Mutex::new(fastrand::Rng::new()),
             tasks: Mutex::new(Vec::new()),
+            source: instances.clone(),
         });
         group.reconcile(&instances.borrow());
         let mut tasks = vec![tokio::spawn(follow(Arc::downgrade(&group), instances))];
@@ -98,6 +102,11 @@ impl Group {
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+
+    /// The instance list this group follows (as discovery gives it).
+    pub(crate) fn source(&self) -> watch::Receiver<Vec<String>> {
+        self.source.clone()
     }
 
     pub(crate) fn endpoints(&self) -> Vec<Arc<Endpoint>> {
@@ -151,6 +160,34 @@ impl Group {
                 _ => self.p2c(&members, now),
             },
             LbPolicy::P2c => self.p2c(&members, now),
+        }
+    }
+
+    /// The instance at `url` (a [`PinnedInstance`](crate::PinnedInstance)), if it may
+    /// take requests now.
+    pub(crate) fn pinned(
+        &self,
+        url: &str,
+        now: Instant,
+    ) -> Result<Arc<Endpoint>, InstanceUnavailable> {
+        let url = url.trim_end_matches('/');
+        let unavailable = |reason| InstanceUnavailable {
+            app: self.app.clone(),
+            instance: url.to_owned(),
+            reason,
+        };
+        let members = self.members();
+        let endpoint = members
+            .endpoints
+            .iter()
+            .find(|e| e.url == url)
+            .ok_or_else(|| unavailable("not an instance of the app"))?;
+        if endpoint.is_ejected(now) {
+            Err(unavailable("ejected"))
+        } else if !endpoint.is_available(now) {
+            Err(unavailable("failing health checks"))
+        } else {
+            Ok(Arc::clone(endpoint))
         }
     }
 
@@ -231,5 +268,51 @@ async fn follow(group: Weak<Group>, mut instances: watch::Receiver<Vec<String>>)
         let Some(group) = group.upgrade() else { return };
         let urls = instances.borrow_and_update().clone();
         group.reconcile(&urls);
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pinned_requests_get_their_instance_or_an_error() {
+        let config = AppConfig {
+            instances: vec!["http://10.0.0.1:80".into(), "http://10.0.0.2:80/".into()],
+            ..AppConfig::default()
+        };
+        let (_tx, rx) = watch::channel(config.instances.clone());
+        let group = Group::start(
+            "orders",
+            &config,
+            rx,
+            crate::upstream::client(config.protocol, config.connect_timeout),
+        );
+        let now = Instant::now();
+        let url = |r: Result<Arc<Endpoint>, InstanceUnavailable>| r.map(|e| e.url.clone());
+        assert_eq!(
+            url(group.pinned("http://10.0.0.2:80/", now)).expect("available"),
+            "http://10.0.0.2:80"
+        );
+        let reason = |r: Result<Arc<Endpoint>, InstanceUnavailable>| {
+            r.map(|_| ()).expect_err("unavailable").reason
+        };
+        assert_eq!(
+            reason(group.pinned("http://10.0.0.9:80", now)),
+            "not an instance of the app"
+        );
+        let endpoints = group.endpoints();
+        endpoints[0].set_healthy(false);
+        assert_eq!(
+            reason(group.pinned("http://10.0.0.1:80", now)),
+            "failing health checks"
+        );
+        endpoints[1].eject(now, Duration::from_secs(5), Duration::from_secs(5));
+        assert_eq!(reason(group.pinned("http://10.0.0.2:80", now)), "ejected");
+        assert_eq!(
+            url(group.pinned("http://10.0.0.2:80", now + Duration::from_secs(6)))
+                .expect("back after the ejection"),
+            "http://10.0.0.2:80"
+        );
     }
 }

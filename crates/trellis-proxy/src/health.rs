@@ -63,3 +63,46 @@ pub(crate) async fn check_loop(group: Weak<Group>, config: HealthCheckConfig) {
         }
     }
 }
+
+/// One `GET` health probe at a time, on a pooled HTTP/1.1 client: what the active
+/// checks above do per instance, for other callers (the service registry's HTTP
+/// checks).
+///
+/// ```no_run
+/// # async fn f() {
+/// let probe = trellis_proxy::HealthProbe::new(std::time::Duration::from_secs(1));
+/// match probe.get("http://127.0.0.1:8080/health").await {
+///     Ok(()) => println!("healthy"),
+///     Err(reason) => println!("unhealthy: {reason}"),
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct HealthProbe {
+    client: crate::upstream::HttpClient,
+}
+
+impl HealthProbe {
+    /// A probe that gives up connecting after `connect_timeout`.
+    pub fn new(connect_timeout: std::time::Duration) -> Self {
+        Self {
+            client: crate::upstream::client(trellis_core::config::Protocol::Http1, connect_timeout),
+        }
+    }
+
+    /// `GET url`: `Ok` on a 2xx answer, the reason otherwise. No timeout of its
+    /// own beyond connecting: callers bound it.
+    ///
+    /// # Errors
+    /// An invalid URL, a connection failure, or a non-2xx status.
+    pub async fn get(&self, url: &str) -> Result<(), String> {
+        let request = http::Request::get(url)
+            .body(ProxyBody::empty())
+            .map_err(|e| format!("invalid url {url:?}: {e}"))?;
+        match self.client.request(request).await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("status {}", response.status())),
+            Err(e) => Err(format!("request failed: {e}")),
+        }
+    }
+}

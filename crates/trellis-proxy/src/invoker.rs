@@ -123,6 +123,12 @@ impl Target {
     pub fn snapshot(&self) -> GroupSnapshot {
         self.0.group.snapshot()
     }
+
+    /// The instance URLs the app follows (from config or discovery), now and on every
+    /// change, for those that must follow them too (shard maps over an app).
+    pub fn instances(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.0.group.source()
+    }
 }
 
 /// One call through `service`; the answer's hop-by-hop headers are dropped.

@@ -16,7 +16,8 @@
 //!   hashing with bounded loads.
 //! - `health`, `outlier`: active health checks; passive ejection on consecutive errors
 //!   and on latency far above the peers'.
-//! - `upstream`: the tower service that picks an instance and sends the request.
+//! - `upstream`: the tower service that picks an instance and sends the request;
+//!   a [`PinnedInstance`] request extension overrides the pick (shard owners).
 //! - `forward`: what changes between the incoming and the forwarded request
 //!   (hop-by-hop headers, trace context).
 //! - [`ProxyBody`]: a body that is either buffered (replayable, for retries and
@@ -40,7 +41,8 @@ mod upstream;
 pub use body::ProxyBody;
 pub use discovery::{Discovery, StaticDiscovery};
 pub use endpoint::EndpointSnapshot;
-pub use error::{InvokeError, NoHealthyUpstream};
+pub use error::{InstanceUnavailable, InvokeError, NoHealthyUpstream};
 pub use group::GroupSnapshot;
+pub use health::HealthProbe;
 pub use invoker::{BuildError, Invoker, Target};
-pub use upstream::Instance;
+pub use upstream::{Instance, PinnedInstance};

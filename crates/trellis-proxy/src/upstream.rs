@@ -42,6 +42,21 @@ pub(crate) fn client(protocol: Protocol, connect_timeout: Duration) -> HttpClien
 #[derive(Debug, Clone)]
 pub struct Instance(pub String);
 
+/// A request extension sending the request to this instance (its base URL, as in
+/// `[apps.<id>].instances`) instead of the one the balancer would pick — e.g. the
+/// owner of a shard. If that instance is not available the call fails with
+/// [`InstanceUnavailable`](crate::InstanceUnavailable) rather than going elsewhere;
+/// retries and hedges keep the pin.
+///
+/// ```
+/// use trellis_proxy::PinnedInstance;
+///
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(PinnedInstance("http://10.0.0.7:8080".into()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedInstance(pub String);
+
 /// Sends each request to an instance the group's balancer picks, and records how
 /// it went for balancing and outlier detection. Upstream 4xx/5xx are responses, not
 /// errors; connection failures are [`ConnectError`]s (safe to retry), other transport
@@ -77,11 +92,13 @@ impl Service<http::Request<ProxyBody>> for Upstream {
         let group = Arc::clone(&self.group);
         let version = self.version;
         Box::pin(async move {
-            let Some(endpoint) = group.pick(&req, Instant::now()) else {
-                return Err(NoHealthyUpstream {
-                    app: group.app.clone(),
-                }
-                .into());
+            let endpoint = match req.extensions().get::<PinnedInstance>() {
+                Some(pin) => group.pinned(&pin.0, Instant::now())?,
+                None => group
+                    .pick(&req, Instant::now())
+                    .ok_or_else(|| NoHealthyUpstream {
+                        app: group.app.clone(),
+                    })?,
             };
             let path = req
                 .uri()

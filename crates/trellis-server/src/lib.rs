@@ -15,6 +15,9 @@
 //! - `routes`: one module per API area (`ops` for health/metrics/openapi, `state`,
 //!   `invoke`, `resilience`, `pubsub`).
 //! - `subscriptions`: push delivery of subscriptions to apps.
+//! - `registry`: the service registry's wiring (HTTP checks, `[app]`
+//!   self-registration, discovery for `[apps.*]` with `discovery = "registry"`).
+//! - `shards`: shard maps at runtime (owners, rebalance plans, events).
 //! - `telemetry`: the Prometheus recorder.
 //!
 //! # Example
@@ -38,8 +41,10 @@ mod error;
 mod extract;
 mod openapi;
 mod projections;
+mod registry;
 mod routes;
 mod server;
+mod shards;
 mod subscriptions;
 pub mod telemetry;
 

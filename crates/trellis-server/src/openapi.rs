@@ -3,7 +3,8 @@
 use utoipa::OpenApi;
 
 use crate::routes::{
-    coord, invoke, ops, persistent, projections, pubsub, resilience, state, streams,
+    coord, invoke, ops, persistent, projections, pubsub, registry, resilience, shards, state,
+    streams,
 };
 
 #[derive(OpenApi)]
@@ -72,6 +73,17 @@ use crate::routes::{
         coord::resign,
         coord::leader,
         coord::observe,
+        shards::list,
+        shards::assignment,
+        shards::owner,
+        shards::set_members,
+        registry::register,
+        registry::heartbeat,
+        registry::deregister,
+        registry::instance,
+        registry::instances,
+        registry::services,
+        registry::events,
     ),
     components(schemas(crate::error::Problem)),
     tags(
@@ -81,6 +93,8 @@ use crate::routes::{
         (name = "streams", description = "Event store: streams with expected versions, $all, categories, catch-up subscriptions, metadata, snapshots"),
         (name = "pubsub", description = "CloudEvents on topics: publish, pull or push delivery to consumer groups, dead letters"),
         (name = "coordination", description = "Locks and leader election with fencing tokens"),
+        (name = "registry", description = "Service registry: instances, TTL/phi/HTTP health checks, blocking queries, change events"),
+        (name = "shards", description = "Shard maps: key owners, assignments, rebalance plans and events"),
         (name = "resilience", description = "Breakers, bulkheads, limiters, retry budgets, fault injection and upstream health"),
     )
 )]

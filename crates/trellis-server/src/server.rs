@@ -66,6 +66,14 @@ pub enum BuildError {
         #[source]
         source: trellis_pubsub::PubSubError,
     },
+    /// A shard map could not be set up.
+    #[error("shards.{name}: {reason}")]
+    Shards {
+        /// The map's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// An app or policy could not be set up.
     #[error(transparent)]
     Invoke(#[from] trellis_proxy::BuildError),
@@ -205,7 +213,16 @@ impl Server {
         }
         let replay_limit =
             usize::try_from(config.server.max_body_size.bytes()).unwrap_or(usize::MAX);
-        let invoker = match Invoker::new(config, None, replay_limit) {
+        let service_registry = crate::registry::start();
+        let discovered = config
+            .apps
+            .iter()
+            .filter(|(_, app)| app.discovery == trellis_core::config::DiscoveryKind::Registry)
+            .map(|(name, _)| name.clone());
+        let discovery: Arc<dyn trellis_proxy::Discovery> = Arc::new(
+            crate::registry::RegistryDiscovery::new(service_registry.clone(), discovered),
+        );
+        let invoker = match Invoker::new(config, Some(discovery), replay_limit) {
             Ok(invoker) => invoker,
             Err(e) => {
                 close_eventstores(&eventstores).await;
@@ -226,6 +243,7 @@ impl Server {
         };
         let mut server = Self::from_stores(config.server.clone(), stores).with_invoker(invoker);
         server.state.registry = Arc::new(registry);
+        server.state.service_registry = service_registry;
         server.listeners = config.listeners.clone();
         let config = Arc::new(config.clone());
         let pubsubs = Arc::new(pubsubs);
@@ -241,11 +259,29 @@ impl Server {
         server.state.pubsubs = pubsubs;
         server.state.eventstores = Arc::new(eventstores);
         server.state.persistent = Arc::new(persistent);
+        match crate::shards::ShardMaps::build(
+            &config,
+            &server.state.pubsubs,
+            &server.state.invoker,
+            Arc::new(trellis_core::SystemClock),
+        ) {
+            Ok(shards) => {
+                let shards = Arc::new(shards);
+                crate::registry::feed_shard_maps(&server.state.service_registry, &shards);
+                server.state.shards = shards;
+            }
+            Err((name, e)) => {
+                server.close().await;
+                return Err(BuildError::Shards {
+                    name,
+                    reason: e.to_string(),
+                });
+            }
+        }
         // Missing only when no component is embedded; `open` reports a failure.
         let _ = std::fs::create_dir_all(&data_dir);
-        match trellis_coord::embedded::EmbeddedCoordinator::open(data_dir.join("coord.redb")).await
-        {
-            Ok(coord) => server.state.coord = Some(Arc::new(coord)),
+        match open_coordinator(&config, &data_dir).await {
+            Ok(coord) => server.state.coord = Some(coord),
             Err(e) => {
                 server.close().await;
                 return Err(BuildError::Coord(e));
@@ -325,8 +361,11 @@ impl Server {
                 persistent: Arc::default(),
                 projections: Arc::default(),
                 coord: None,
+                service_registry: crate::registry::start(),
+                self_registration: Arc::default(),
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
                 config: whole,
+                shards: Arc::default(),
             },
             listeners: Vec::new(),
             config,
@@ -351,7 +390,18 @@ impl Server {
                     .iter()
                     .map(|(name, ps)| format!("pubsub.{name} ({})", ps.backend())),
             )
+            .chain(
+                self.state
+                    .coord
+                    .iter()
+                    .map(|c| format!("coord.default ({})", c.backend())),
+            )
             .chain(self.state.invoker.apps().map(|app| format!("app.{app}")))
+            .chain(
+                self.state.shards.iter().map(|map| {
+                    format!("shards.{} ({})", map.name(), map.config().strategy.as_str())
+                }),
+            )
             .collect()
     }
 
@@ -377,6 +427,8 @@ impl Server {
             .merge(routes::persistent::router())
             .merge(routes::projections::router())
             .merge(routes::coord::router())
+            .merge(routes::registry::router())
+            .merge(routes::shards::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())
@@ -452,6 +504,21 @@ impl Server {
             }
         };
         let mut servers = tokio::task::JoinSet::new();
+        if let (Some(api), Some(app)) = (&api, &self.state.config.app)
+            && app.register
+        {
+            let port = api.local_addr()?.port();
+            let registration = crate::registry::SelfRegistration::start(
+                self.state.service_registry.clone(),
+                app,
+                port,
+            );
+            *self
+                .state
+                .self_registration
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(registration);
+        }
         if let Some(api) = api {
             let serve = axum::serve(api, self.router()).with_graceful_shutdown(signal());
             servers.spawn(serve.into_future());
@@ -494,6 +561,16 @@ impl Server {
     /// Closes every component. Acknowledged writes are already durable; this stops
     /// background work and releases files and connections.
     pub async fn close(&self) {
+        // Callers stop sending new work here before it goes away.
+        let registration = self
+            .state
+            .self_registration
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(registration) = registration {
+            registration.stop();
+        }
         // Deliveries in progress finish and are settled before the pub/subs close,
         // within the drain timeout: any still out then are redelivered after restart.
         if tokio::time::timeout(
@@ -529,6 +606,53 @@ fn catch_panic() -> CatchPanicLayer<fn(Box<dyn std::any::Any + Send>) -> axum::r
 }
 
 type Stores = BTreeMap<String, Arc<dyn StateStore>>;
+
+/// Opens `[components.coord.default]` (embedded unless configured).
+async fn open_coordinator(
+    config: &Config,
+    data_dir: &std::path::Path,
+) -> Result<Arc<dyn trellis_coord::Coordinator>, trellis_coord::CoordError> {
+    use trellis_core::config::CoordComponent;
+    let component = config
+        .components
+        .coord
+        .get(trellis_core::config::DEFAULT_COMPONENT);
+    Ok(match component {
+        None | Some(CoordComponent::Embedded(_)) => Arc::new(
+            trellis_coord::embedded::EmbeddedCoordinator::open(data_dir.join("coord.redb")).await?,
+        ),
+        Some(CoordComponent::Postgres(pg)) => {
+            let mut settings = trellis_coord::postgres::PostgresConfig::default();
+            settings.url.clone_from(&pg.url);
+            settings.schema.clone_from(&pg.schema);
+            settings.max_connections = pg.max_connections;
+            Arc::new(trellis_coord::postgres::PostgresCoordinator::connect(settings).await?)
+        }
+        #[cfg(feature = "etcd")]
+        Some(CoordComponent::Etcd(etcd)) => {
+            let mut settings = trellis_coord::etcd::EtcdConfig::default();
+            settings.endpoints.clone_from(&etcd.endpoints);
+            settings.prefix.clone_from(&etcd.prefix);
+            settings.connect_timeout = etcd.connect_timeout;
+            Arc::new(trellis_coord::etcd::EtcdCoordinator::connect(settings).await?)
+        }
+        #[cfg(not(feature = "etcd"))]
+        Some(CoordComponent::Etcd(_)) => {
+            return Err(trellis_coord::CoordError::Backend {
+                backend: "etcd",
+                reason: "components.coord.default.type = \"etcd\" needs a trellis binary built \
+                         with the etcd feature (cargo build -p trellis-cli --features etcd)"
+                    .into(),
+            });
+        }
+        Some(other) => {
+            return Err(trellis_coord::CoordError::Backend {
+                backend: "coord",
+                reason: format!("unsupported coordination backend {other:?}"),
+            });
+        }
+    })
+}
 
 /// Wraps every store named in `[resiliency.targets.components."state.<name>"]` in its
 /// policies, registering them for `/v1/resilience`.

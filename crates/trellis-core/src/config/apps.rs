@@ -16,6 +16,9 @@ use super::units;
 pub struct AppConfig {
     /// Base URLs of its instances, e.g. `http://127.0.0.1:9001`.
     pub instances: Vec<String>,
+    /// Where instances come from: `static` (the `instances` list) or `registry`
+    /// (the healthy instances of the registry service named like the app).
+    pub discovery: DiscoveryKind,
     /// `http1` or `h2c` (HTTP/2 without TLS).
     pub protocol: Protocol,
     /// How instances are chosen.
@@ -34,6 +37,7 @@ impl Default for AppConfig {
     fn default() -> Self {
         Self {
             instances: Vec::new(),
+            discovery: DiscoveryKind::Static,
             protocol: Protocol::Http1,
             lb: LbPolicy::P2c,
             health_check: None,
@@ -41,6 +45,18 @@ impl Default for AppConfig {
             connect_timeout: Duration::from_secs(2),
         }
     }
+}
+
+/// Where an app's instances come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveryKind {
+    /// The `instances` list in the config.
+    #[default]
+    Static,
+    /// The service registry: the healthy instances registered under the app's id
+    /// (`PUT /v1/registry/services/<id>/instances/...`, or a sidecar's `[app]`).
+    Registry,
 }
 
 /// The HTTP version spoken to instances.

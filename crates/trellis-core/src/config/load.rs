@@ -10,10 +10,10 @@ use toml::{Table, Value};
 
 use super::resiliency::{AppTarget, GlobalPolicies, PolicyRefs, ResiliencyConfig};
 use super::{
-    AppConfig, Components, Config, ConfigError, ConfigErrors, EmbeddedEventStore, EmbeddedPubSub,
-    EmbeddedState, EventStoreComponent, ListenerConfig, LogConfig, NatsPubSub, PostgresEventStore,
-    PostgresState, ProjectionConfig, PubSubComponent, RedisPubSub, RedisState, ServerConfig,
-    StateComponent, SubscriptionConfig, check_instance_url,
+    AppConfig, Components, Config, ConfigError, ConfigErrors, DiscoveryKind, EmbeddedEventStore,
+    EmbeddedPubSub, EmbeddedState, EventStoreComponent, ListenerConfig, LogConfig, NatsPubSub,
+    PostgresEventStore, PostgresState, ProjectionConfig, PubSubComponent, RedisPubSub, RedisState,
+    ServerConfig, StateComponent, SubscriptionConfig, check_instance_url,
 };
 
 /// Prefix of environment variables that override config keys.
@@ -23,7 +23,8 @@ pub(crate) const ENV_SEPARATOR: &str = "__";
 /// Shorthand for `server.api_token`.
 pub(crate) const API_TOKEN_ENV: &str = "TRELLIS_API_TOKEN";
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 10] = [
+    "app",
     "apps",
     "components",
     "listeners",
@@ -31,9 +32,10 @@ const SECTIONS: [&str; 8] = [
     "projections",
     "resiliency",
     "server",
+    "shards",
     "subscriptions",
 ];
-const COMPONENT_KINDS: [&str; 3] = ["eventstore", "pubsub", "state"];
+const COMPONENT_KINDS: [&str; 4] = ["coord", "eventstore", "pubsub", "state"];
 
 impl Config {
     /// Loads `path` (if any) with overrides from this process's environment.
@@ -89,6 +91,7 @@ impl Config {
                         config.log = log;
                     }
                 }
+                "app" => config.app = section::<super::ServedApp>(value, "app", &mut errors),
                 "components" => parse_components(value, &mut config.components, &mut errors),
                 "apps" => parse_apps(value, &mut config.apps, &mut errors),
                 "resiliency" => parse_resiliency(value, &mut config.resiliency, &mut errors),
@@ -116,6 +119,13 @@ impl Config {
                             }
                         },
                     );
+                }
+                "shards" => {
+                    named_tables(value, "shards", &mut errors, |name, key, value, errors| {
+                        if let Some(s) = section::<super::ShardMapConfig>(value, &key, errors) {
+                            config.shards.insert(name, s);
+                        }
+                    });
                 }
                 other => errors.push(unknown_key(other, &SECTIONS)),
             }
@@ -233,6 +243,10 @@ fn section<T: DeserializeOwned>(
         Err(e) => {
             let mut key = join(prefix, &e.path().to_string());
             let mut message = e.inner().to_string().trim_end().to_owned();
+            // In a nested table toml adds "\nin `<table>`": the key path says it already.
+            if let Some(at) = message.find("\nin `") {
+                message.truncate(at);
+            }
             // "missing field `url`" is reported at the table; point at the key instead.
             if let Some(field) = message
                 .strip_prefix("missing field `")
@@ -281,6 +295,11 @@ fn parse_components(value: Value, components: &mut Components, errors: &mut Vec<
                 "state" => {
                     if let Some(component) = parse_state_component(&key, value, errors) {
                         components.state.insert(name, component);
+                    }
+                }
+                "coord" => {
+                    if let Some(component) = parse_coord_component(&key, &name, value, errors) {
+                        components.coord.insert(name, component);
                     }
                 }
                 "eventstore" => {
@@ -353,6 +372,64 @@ fn component_type(
             None
         }
     }
+}
+
+fn parse_coord_component(
+    key: &str,
+    name: &str,
+    value: Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<super::CoordComponent> {
+    use super::{CoordComponent, EmbeddedCoord, EtcdCoord, PostgresCoord};
+    if name != super::DEFAULT_COMPONENT {
+        errors.push(ConfigError::new(
+            key,
+            "the coordination API uses one backend: name it `default` ([components.coord.default])",
+        ));
+        return None;
+    }
+    let (ty, rest) = component_type(key, value, &CoordComponent::TYPES, errors)?;
+    let component = match ty.as_str() {
+        "embedded" => section::<EmbeddedCoord>(rest, key, errors).map(CoordComponent::Embedded),
+        "etcd" => section::<EtcdCoord>(rest, key, errors).map(CoordComponent::Etcd),
+        _ => section::<PostgresCoord>(rest, key, errors).map(CoordComponent::Postgres),
+    }?;
+    match &component {
+        CoordComponent::Etcd(etcd) => {
+            if etcd.endpoints.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("{key}.endpoints"),
+                    "list at least one etcd client URL",
+                ));
+            }
+            for (i, url) in etcd.endpoints.iter().enumerate() {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    errors.push(ConfigError::new(
+                        format!("{key}.endpoints[{i}]"),
+                        format!("expected an http:// or https:// URL, got {url:?}"),
+                    ));
+                }
+            }
+            if etcd.prefix.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("{key}.prefix"),
+                    "must not be empty",
+                ));
+            }
+            check_timeout(key, "connect_timeout", etcd.connect_timeout, errors);
+        }
+        CoordComponent::Postgres(pg) => {
+            check_identifier(&format!("{key}.schema"), &pg.schema, errors);
+            if pg.max_connections == 0 {
+                errors.push(ConfigError::new(
+                    format!("{key}.max_connections"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        CoordComponent::Embedded(_) => {}
+    }
+    Some(component)
 }
 
 fn parse_state_component(
@@ -602,13 +679,31 @@ validate_via!(
 );
 
 fn validate_apps(config: &Config, errors: &mut Vec<ConfigError>) {
+    if let Some(app) = &config.app {
+        for (field, message) in app.problems() {
+            errors.push(ConfigError::new(format!("app.{field}"), message));
+        }
+    }
     for (name, app) in &config.apps {
         let key = format!("apps.{name}");
-        if app.instances.is_empty() {
-            errors.push(ConfigError::new(
+        match app.discovery {
+            DiscoveryKind::Static if app.instances.is_empty() => errors.push(ConfigError::new(
                 format!("{key}.instances"),
-                "list at least one instance URL",
-            ));
+                "list at least one instance URL (or set discovery = \"registry\")",
+            )),
+            DiscoveryKind::Registry if !app.instances.is_empty() => errors.push(ConfigError::new(
+                format!("{key}.instances"),
+                "instances come from the registry with discovery = \"registry\"; remove the list",
+            )),
+            DiscoveryKind::Registry => {
+                if let Some(reason) = super::served::registry_name_problem(name) {
+                    errors.push(ConfigError::new(
+                        format!("{key}.discovery"),
+                        format!("the app id is the registry service name: {reason}"),
+                    ));
+                }
+            }
+            DiscoveryKind::Static => {}
         }
         for (i, url) in app.instances.iter().enumerate() {
             if let Err(e) = check_instance_url(url) {
@@ -828,6 +923,7 @@ fn push_problems(
 
 fn validate(config: &Config, errors: &mut Vec<ConfigError>) {
     validate_apps(config, errors);
+    super::shards::validate(config, errors);
     for (name, projection) in &config.projections {
         push_problems(
             errors,

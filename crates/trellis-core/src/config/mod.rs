@@ -43,6 +43,8 @@ mod load;
 mod projection;
 mod pubsub;
 pub mod resiliency;
+mod served;
+mod shards;
 mod state;
 pub mod units;
 
@@ -58,8 +60,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use apps::{
-    AppConfig, HashKey, HealthCheckConfig, LbPolicy, ListenerConfig, OutlierConfig, Protocol,
-    check_instance_url,
+    AppConfig, DiscoveryKind, HashKey, HealthCheckConfig, LbPolicy, ListenerConfig, OutlierConfig,
+    Protocol, check_instance_url,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use eventstore::{EmbeddedEventStore, EventStoreComponent, PostgresEventStore, UpcastRule};
@@ -69,6 +71,8 @@ pub use pubsub::{
     SubscriptionConfig, SubscriptionDefaults, is_topic_name,
 };
 pub use resiliency::ResiliencyConfig;
+pub use served::{CoordComponent, EmbeddedCoord, EtcdCoord, PostgresCoord, ServedApp};
+pub use shards::{ShardMapConfig, ShardMember, ShardMembers, ShardPublish, ShardStrategy};
 pub use state::{EmbeddedState, PostgresState, RedisState, StateComponent};
 pub use units::ByteSize;
 
@@ -83,6 +87,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// Log output.
     pub log: LogConfig,
+    /// `[app]`: the application this sidecar serves, if any.
+    pub app: Option<ServedApp>,
     /// Named backend instances, by building block.
     pub components: Components,
     /// `[apps.<id>]`: applications reachable through invoke and proxies.
@@ -96,6 +102,8 @@ pub struct Config {
     /// `[projections.<name>]`: event store projections computed by apps, with read
     /// models in a state store.
     pub projections: BTreeMap<String, ProjectionConfig>,
+    /// `[shards.<name>]`: shard maps, and the apps whose invocations they route.
+    pub shards: BTreeMap<String, ShardMapConfig>,
 }
 
 /// `[server]`: the HTTP listener and process-wide settings.
@@ -181,6 +189,8 @@ pub struct Components {
     pub pubsub: BTreeMap<String, PubSubComponent>,
     /// `[components.eventstore.<name>]`.
     pub eventstore: BTreeMap<String, EventStoreComponent>,
+    /// `[components.coord.default]`: the coordination backend (only `default`).
+    pub coord: BTreeMap<String, CoordComponent>,
 }
 
 impl Default for Components {
@@ -197,6 +207,10 @@ impl Default for Components {
             eventstore: BTreeMap::from([(
                 DEFAULT_COMPONENT.to_owned(),
                 EventStoreComponent::Embedded(EmbeddedEventStore::default()),
+            )]),
+            coord: BTreeMap::from([(
+                DEFAULT_COMPONENT.to_owned(),
+                CoordComponent::Embedded(EmbeddedCoord::default()),
             )]),
         }
     }

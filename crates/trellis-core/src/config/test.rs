@@ -831,3 +831,119 @@ fn projections_parse_and_are_checked() {
         "must be 1 to",
     );
 }
+
+#[test]
+fn app_section_registers_the_served_app() {
+    let config = load(
+        r#"
+        [app]
+        id = "orders"
+        url = "http://127.0.0.1:8080"
+        health_path = "/health"
+        metadata = { zone = "a" }
+        "#,
+    )
+    .expect("valid");
+    let app = config.app.expect("[app]");
+    assert_eq!(app.id, "orders");
+    assert_eq!(app.instance_id(3700), "orders-3700");
+    assert_eq!(app.ttl, Duration::from_secs(10));
+    assert_eq!(app.heartbeat_interval, Duration::from_secs(3));
+    assert!(app.register);
+    assert_eq!(app.metadata["zone"], "a");
+    assert!(Config::from_sources(None, []).expect("valid").app.is_none());
+}
+
+#[test]
+fn app_section_errors_name_the_key() {
+    assert_error(
+        "[app]\nurl = \"http://x:1\"\n",
+        "app.id",
+        "required key is missing",
+    );
+    assert_error(
+        "[app]\nid = \"a/b\"\nurl = \"http://x:1\"\n",
+        "app.id",
+        "invalid name",
+    );
+    assert_error("[app]\nid = \"a\"\nurl = \"ftp://x\"\n", "app.url", "");
+    assert_error(
+        "[app]\nid = \"a\"\nurl = \"http://x:1\"\nttl = \"2s\"\nheartbeat_interval = \"5s\"\n",
+        "app.heartbeat_interval",
+        "below ttl",
+    );
+    assert_error(
+        "[app]\nid = \"a\"\nurl = \"http://x:1\"\nhealth_path = \"health\"\n",
+        "app.health_path",
+        "must start with '/'",
+    );
+    assert_error(
+        "[app]\nid = \"a\"\nurl = \"http://x:1\"\nbogus = 1\n",
+        "app.bogus",
+        "unknown key",
+    );
+}
+
+#[test]
+fn apps_may_discover_instances_in_the_registry() {
+    let config = load("[apps.orders]\ndiscovery = \"registry\"\n").expect("valid");
+    assert_eq!(config.apps["orders"].discovery, DiscoveryKind::Registry);
+    assert_error(
+        "[apps.orders]\ndiscovery = \"registry\"\ninstances = [\"http://x:1\"]\n",
+        "apps.orders.instances",
+        "come from the registry",
+    );
+    assert_error(
+        "[apps.orders]\n",
+        "apps.orders.instances",
+        "discovery = \"registry\"",
+    );
+    assert_error(
+        "[apps.orders]\ndiscovery = \"dns\"\n",
+        "apps.orders.discovery",
+        "unknown variant",
+    );
+}
+
+#[test]
+fn coordination_backend_is_chosen_by_components_coord_default() {
+    let config = Config::from_sources(None, []).expect("valid");
+    assert!(matches!(
+        config.components.coord["default"],
+        CoordComponent::Embedded(_)
+    ));
+    let config = load(
+        "[components.coord.default]\ntype = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+    )
+    .expect("valid");
+    let CoordComponent::Etcd(etcd) = &config.components.coord["default"] else {
+        panic!("etcd expected");
+    };
+    assert_eq!(etcd.prefix, "trellis/coord/");
+    let config = load("[components.coord.default]\ntype = \"postgres\"\nschema = \"locks\"\n")
+        .expect("valid");
+    assert!(matches!(
+        config.components.coord["default"],
+        CoordComponent::Postgres(_)
+    ));
+    assert_error(
+        "[components.coord.other]\ntype = \"etcd\"\n",
+        "components.coord.other",
+        "name it `default`",
+    );
+    assert_error(
+        "[components.coord.default]\ntype = \"zookeeper\"\n",
+        "components.coord.default.type",
+        "unknown type \"zookeeper\"",
+    );
+    assert_error(
+        "[components.coord.default]\ntype = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\n",
+        "components.coord.default.endpoints[0]",
+        "http://",
+    );
+    assert_error(
+        "[components.coord.default]\ntype = \"postgres\"\nschema = \"bad-name\"\n",
+        "components.coord.default.schema",
+        "invalid SQL identifier",
+    );
+}

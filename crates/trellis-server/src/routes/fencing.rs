@@ -1,11 +1,14 @@
 //! Fencing reaches storage: a state write carrying `Trellis-Fencing: <lock>:<token>`
 //! is refused with 409 `stale_fencing_token` once a newer token of that lock exists.
+//! A leader fences its writes with its term's token as
+//! `Trellis-Fencing: election/<name>:<token>` (`lock/<name>:<token>` is the long
+//! form of a lock's).
 //!
 //! Two checks, so that neither a paused old holder nor a race slips through:
 //! 1. the coordinator's newest token of the lock (a newer holder exists, even if it
 //!    has not written yet);
 //! 2. the highest token that has written to this store, kept in the store under
-//!    `trellis/fence/<lock>` and advanced **in the same transaction** as the write,
+//!    `trellis/fence/<lock>` (`trellis/fence/election/<name>`) and advanced **in the same transaction** as the write,
 //!    with an If-Match on its etag: once a newer holder has written, an older one
 //!    can't, however late its request arrives.
 //!
@@ -29,6 +32,7 @@ const ATTEMPTS: usize = 8;
 /// A write's fence: the lock and the token its holder got.
 #[derive(Debug, Clone)]
 pub(crate) struct Fence {
+    kind: Kind,
     lock: Name,
     token: u64,
 }
@@ -45,13 +49,23 @@ pub(crate) fn fence_of(headers: &HeaderMap) -> Result<Option<Fence>, ApiError> {
     let (lock, token) = text
         .rsplit_once(':')
         .ok_or_else(|| bad(format!("Trellis-Fencing is <lock>:<token>, got {text:?}")))?;
-    let lock = Name::new(lock.trim()).map_err(|e| bad(e.to_string()))?;
+    let (kind, lock) = match lock.trim().split_once('/') {
+        None => (Kind::Lock, lock.trim()),
+        Some(("lock", name)) => (Kind::Lock, name),
+        Some(("election", name)) => (Kind::Election, name),
+        Some((other, _)) => {
+            return Err(bad(format!(
+                "Trellis-Fencing is [lock/|election/]<name>:<token>; unknown kind {other:?}"
+            )));
+        }
+    };
+    let lock = Name::new(lock).map_err(|e| bad(e.to_string()))?;
     let token = token.trim().parse().map_err(|_| {
         bad(format!(
             "the token in Trellis-Fencing is a number, got {token:?}"
         ))
     })?;
-    Ok(Some(Fence { lock, token }))
+    Ok(Some(Fence { kind, lock, token }))
 }
 
 fn stale(fence: &Fence, newer: u64) -> ApiError {
@@ -59,8 +73,8 @@ fn stale(fence: &Fence, newer: u64) -> ApiError {
         StatusCode::CONFLICT,
         "stale_fencing_token",
         format!(
-            "token {} of lock {} is stale: token {newer} has been issued",
-            fence.token, fence.lock
+            "token {} of {} {} is stale: token {newer} has been issued",
+            fence.token, fence.kind, fence.lock
         ),
     )
     .with_extension("latest_token", newer)
@@ -115,11 +129,15 @@ async fn attempt(
     fence: &Fence,
     operations: Vec<Operation>,
 ) -> Result<Vec<Option<ETag>>, Failure> {
-    let key = Key::new(format!("trellis/fence/{}", fence.lock))
-        .map_err(|e| ApiError::bad_request("invalid_fencing_token", e.to_string()))?;
+    let key = match fence.kind {
+        Kind::Lock => format!("trellis/fence/{}", fence.lock),
+        Kind::Election => format!("trellis/fence/election/{}", fence.lock),
+    };
+    let key =
+        Key::new(key).map_err(|e| ApiError::bad_request("invalid_fencing_token", e.to_string()))?;
     for _ in 0..ATTEMPTS {
         if let Some(coord) = &app.coord {
-            let latest = coord.latest_token(Kind::Lock, &fence.lock).await?;
+            let latest = coord.latest_token(fence.kind, &fence.lock).await?;
             if fence.token < latest {
                 return Err(Failure::Api(stale(fence, latest)));
             }
@@ -170,7 +188,7 @@ async fn attempt(
     Err(Failure::Api(ApiError::new(
         StatusCode::CONFLICT,
         "transaction_conflict",
-        format!("lock {}'s fence kept moving; retry", fence.lock),
+        format!("{} {}'s fence kept moving; retry", fence.kind, fence.lock),
     )))
 }
 

@@ -69,7 +69,9 @@ fn percent_decode(s: &str) -> Option<String> {
 /// Invoke an app: the request (method, path, query, headers minus hop-by-hop, body as
 /// a stream) is forwarded to an instance of `app` under its resilience policies, with
 /// this hop's `traceparent` and the `X-Request-Id`. The app's own answers, errors
-/// included, are passed through unchanged.
+/// included, are passed through unchanged. With a `Trellis-Shard-Key` header, the
+/// request goes to the key's owner in the shard map bound to the app (never to
+/// another instance); without one, the app's load balancing picks.
 #[utoipa::path(
     method(get, post, put, patch, delete, head, options),
     path = "/v1/invoke/{app}/{path}",
@@ -77,10 +79,11 @@ fn percent_decode(s: &str) -> Option<String> {
     params(("app" = String, Path, description = "App id from [apps]"), ("path" = String, Path, description = "Path on the app")),
     responses(
         (status = 200, description = "Whatever the app answered (any status)"),
+        (status = 400, description = "`no_shard_map`, `missing_shard_key` (with `Trellis-Shard-Key`)", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`app_not_found`", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`, with Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 502, description = "`upstream_unavailable`", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`no_healthy_upstream`, `circuit_open`, `bulkhead_full`, with Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`no_healthy_upstream`, `circuit_open`, `bulkhead_full`, `shard_owner_unavailable`, `shard_map_empty`, with Retry-After", body = crate::error::Problem, content_type = "application/problem+json"),
         (status = 504, description = "`upstream_timeout`", body = crate::error::Problem, content_type = "application/problem+json"),
     )
 )]
@@ -113,6 +116,8 @@ pub(crate) async fn invoke(
     parts.uri = path
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_path", format!("invalid path {path:?}")))?;
+    // With a Trellis-Shard-Key: to the key's owner in the app's shard map.
+    let by_key = super::shards::route_by_key(&state, &app, &mut parts)?;
     forward::outgoing_headers(&mut parts.headers, &ctx.request_id, &ctx.trace);
     if state.strip_authorization {
         // That token is ours, not the app's.
@@ -121,7 +126,7 @@ pub(crate) async fn invoke(
     let request = axum::http::Request::from_parts(parts, ProxyBody::stream(body));
     match target.call(request).await {
         Ok(response) => Ok(response.map(axum::body::Body::new).into_response()),
-        Err(e) => Err(invoke_error(&e)),
+        Err(e) => Err(by_key.map_or_else(|| invoke_error(&e), |route| route.error(&e))),
     }
 }
 

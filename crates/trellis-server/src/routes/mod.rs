@@ -8,7 +8,9 @@ pub(crate) mod persistent;
 pub(crate) mod projections;
 pub(crate) mod proxy;
 pub(crate) mod pubsub;
+pub(crate) mod registry;
 pub(crate) mod resilience;
+pub(crate) mod shards;
 pub(crate) mod state;
 pub(crate) mod streams;
 
@@ -46,6 +48,12 @@ pub(crate) struct AppState {
     pub(crate) subscriptions: Arc<crate::subscriptions::Subscriptions>,
     /// The config the server was built from.
     pub(crate) config: Arc<trellis_core::Config>,
+    /// Shard maps (`[shards.<name>]`).
+    pub(crate) shards: Arc<crate::shards::ShardMaps>,
+    /// The service registry.
+    pub(crate) service_registry: trellis_coord::registry::Registry,
+    /// The registration of the app this sidecar serves (`[app]`), while it runs.
+    pub(crate) self_registration: Arc<std::sync::Mutex<Option<crate::registry::SelfRegistration>>>,
 }
 
 impl AppState {
