@@ -42,7 +42,7 @@ use tokio::time::Instant;
 
 use self::slot::{Effect, Holder, Poll, Slot, WaiterId};
 use self::tokens::Tokens;
-use crate::api::{CoordError, Coordinator, Kind, LeaderInfo, Lease};
+use crate::api::{ByKind, CoordError, Kind, LeaderInfo, Lease};
 use crate::name::{Name, check_owner, check_ttl, check_wait};
 
 pub(crate) const BACKEND: &str = "embedded";
@@ -595,83 +595,48 @@ impl Drop for EmbeddedCoordinator {
 }
 
 #[async_trait]
-impl Coordinator for EmbeddedCoordinator {
-    fn backend(&self) -> &'static str {
+impl ByKind for EmbeddedCoordinator {
+    fn backend_name(&self) -> &'static str {
         BACKEND
     }
 
-    async fn acquire(
+    async fn take_lease(
         &self,
+        kind: Kind,
         name: &Name,
         owner: &str,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
-        self.grant(Kind::Lock, name, owner, ttl, wait).await
+        self.grant(kind, name, owner, ttl, wait).await
     }
 
-    async fn extend(
+    async fn renew_lease(
         &self,
+        kind: Kind,
         name: &Name,
         owner: &str,
         fencing_token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
-        self.renew(Kind::Lock, name, owner, fencing_token, ttl)
-            .await
+        self.renew(kind, name, owner, fencing_token, ttl).await
     }
 
-    async fn release(
+    async fn end_lease(
         &self,
+        kind: Kind,
         name: &Name,
         owner: &str,
         fencing_token: u64,
     ) -> Result<(), CoordError> {
-        self.revoke(Kind::Lock, name, owner, fencing_token).await
+        self.revoke(kind, name, owner, fencing_token).await
     }
 
-    async fn lock_holder(&self, name: &Name) -> Result<Option<Lease>, CoordError> {
-        self.holder(Kind::Lock, name)
+    async fn current_lease(&self, kind: Kind, name: &Name) -> Result<Option<Lease>, CoordError> {
+        self.holder(kind, name)
     }
 
-    async fn campaign(
-        &self,
-        name: &Name,
-        candidate: &str,
-        ttl: Duration,
-        wait: Duration,
-    ) -> Result<Lease, CoordError> {
-        self.grant(Kind::Election, name, candidate, ttl, wait).await
-    }
-
-    async fn keep_alive(
-        &self,
-        name: &Name,
-        candidate: &str,
-        fencing_token: u64,
-        ttl: Duration,
-    ) -> Result<Lease, CoordError> {
-        self.renew(Kind::Election, name, candidate, fencing_token, ttl)
-            .await
-    }
-
-    async fn resign(
-        &self,
-        name: &Name,
-        candidate: &str,
-        fencing_token: u64,
-    ) -> Result<(), CoordError> {
-        self.revoke(Kind::Election, name, candidate, fencing_token)
-            .await
-    }
-
-    async fn leader(&self, name: &Name) -> Result<Option<LeaderInfo>, CoordError> {
-        Ok(self
-            .holder(Kind::Election, name)?
-            .map(|l| LeaderInfo::from(&l)))
-    }
-
-    async fn observe(
+    async fn follow_leader(
         &self,
         name: &Name,
     ) -> Result<watch::Receiver<Option<LeaderInfo>>, CoordError> {
@@ -691,7 +656,7 @@ impl Coordinator for EmbeddedCoordinator {
         Ok(rx)
     }
 
-    async fn latest_token(&self, kind: Kind, name: &Name) -> Result<u64, CoordError> {
+    async fn newest_token(&self, kind: Kind, name: &Name) -> Result<u64, CoordError> {
         let key = (kind, name.clone());
         {
             let state = self.shared.lock();
@@ -709,7 +674,7 @@ impl Coordinator for EmbeddedCoordinator {
         Ok(token)
     }
 
-    async fn health(&self) -> Result<(), CoordError> {
+    async fn check_health(&self) -> Result<(), CoordError> {
         if self.shared.lock().closed {
             return Err(CoordError::Closed);
         }
@@ -720,7 +685,7 @@ impl Coordinator for EmbeddedCoordinator {
             .map(drop)
     }
 
-    async fn close(&self) -> Result<(), CoordError> {
+    async fn shut_down(&self) -> Result<(), CoordError> {
         let entries = {
             let mut state = self.shared.lock();
             state.closed = true;
