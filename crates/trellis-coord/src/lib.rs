@@ -19,7 +19,8 @@
 //! - [`detector`]: failure detectors for the registry — heartbeats with a TTL,
 //!   phi accrual, and flap damping — driven by the caller's clock.
 //! - [`registry`]: the service registry — instances, their health (alive, suspect,
-//!   dead) from those detectors, flap damping, blocking queries and change events.
+//!   dead) from those detectors, flap damping, blocking queries and change events;
+//!   with feature `etcd`, `registry::etcd::EtcdMirror` shares it across sidecars.
 //! - [`embedded`]: the single-node backend (leases in memory, tokens fsynced to redb).
 //! - `contract` (feature `contract`): the test suite every backend passes, including
 //!   a randomized history checker for mutual exclusion.

@@ -229,22 +229,7 @@ impl EtcdCoordinator {
     /// [`EtcdConfig::validate`]) or endpoint URL; [`CoordError::Unavailable`] if
     /// etcd can't be reached.
     pub async fn connect(config: EtcdConfig) -> Result<Self, CoordError> {
-        let config = config.validate()?;
-        let options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_keep_alive(PING_INTERVAL, config.request_timeout)
-            // etcd answers pings on a connection without streams with GOAWAY.
-            .with_keep_alive_while_idle(false);
-        let client = tokio::time::timeout(
-            config.connect_timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| CoordError::Unavailable {
-            backend: BACKEND,
-            reason: format!("connect: no connection within {:?}", config.connect_timeout),
-        })?
-        .map_err(|e| error("connect", e))?;
+        let (client, config) = connect_client(config).await?;
         let this = Self {
             inner: Arc::new(Inner {
                 client,
@@ -254,7 +239,6 @@ impl EtcdCoordinator {
                 min_ttl_secs: AtomicI64::new(1),
             }),
         };
-        this.inner.ping().await?;
         tracing::info!(endpoints = ?config.endpoints, prefix = %this.inner.prefix, "connected to etcd");
         Ok(this)
     }
@@ -270,6 +254,39 @@ impl Drop for EtcdCoordinator {
         // Observer tasks hold `inner`: tell them to stop.
         self.inner.closed.send_replace(true);
     }
+}
+
+/// Validates `config`, connects to the cluster and checks that it answers. Shared by
+/// the coordinator and the registry's etcd mirror.
+///
+/// # Errors
+/// As [`EtcdCoordinator::connect`].
+pub(crate) async fn connect_client(config: EtcdConfig) -> Result<(Client, EtcdConfig), CoordError> {
+    let config = config.validate()?;
+    let options = ConnectOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        .with_keep_alive(PING_INTERVAL, config.request_timeout)
+        // etcd answers pings on a connection without streams with GOAWAY.
+        .with_keep_alive_while_idle(false);
+    let client = tokio::time::timeout(
+        config.connect_timeout,
+        Client::connect(&config.endpoints, Some(options)),
+    )
+    .await
+    .map_err(|_| CoordError::Unavailable {
+        backend: BACKEND,
+        reason: format!("connect: no connection within {:?}", config.connect_timeout),
+    })?
+    .map_err(|e| error("connect", e))?;
+    let mut maintenance = client.maintenance_client();
+    tokio::time::timeout(config.request_timeout, maintenance.status())
+        .await
+        .map_err(|_| CoordError::Unavailable {
+            backend: BACKEND,
+            reason: format!("status: no answer within {:?}", config.request_timeout),
+        })?
+        .map_err(|e| error("status", e))?;
+    Ok((client, config))
 }
 
 /// The holder key as read, and the revision it was read at (where a watch for
@@ -329,7 +346,7 @@ fn lease(kind: Kind, name: &Name, owner: &str, token: u64, base: Instant, ttl_se
 }
 
 /// Maps a client error: connection trouble is [`CoordError::Unavailable`].
-fn error(what: &str, e: etcd_client::Error) -> CoordError {
+pub(crate) fn error(what: &str, e: etcd_client::Error) -> CoordError {
     use etcd_client::Error as E;
     let transient = match &e {
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::LeaseKeepAliveError(_) => true,
@@ -351,7 +368,7 @@ fn error(what: &str, e: etcd_client::Error) -> CoordError {
 }
 
 /// Whether `e` says the lease does not exist (any more).
-fn lease_not_found(e: &etcd_client::Error) -> bool {
+pub(crate) fn lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         // The client's answer to a keep-alive that comes back with TTL 0.
         etcd_client::Error::LeaseKeepAliveError(msg) => msg.contains("not found"),

@@ -10,8 +10,8 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use super::check::{Check, Detector, Prober};
 use super::{
-    Change, Event, Filter, Instance, Registration, RegistryError, RegistrySettings, ServiceSummary,
-    Snapshot,
+    Change, Event, Filter, Instance, Registration, RegistryError, RegistrySettings, RemoteInstance,
+    ServiceSummary, Snapshot,
 };
 use crate::Name;
 use crate::detector::{FlapDamping, Health};
@@ -71,24 +71,91 @@ struct Service {
 
 #[derive(Debug)]
 struct Entry {
+    source: Source,
+    health: Health,
+    since: Instant,
+    held_out_until: Option<Instant>,
+    modify_index: u64,
+}
+
+/// Who judges an instance.
+#[derive(Debug)]
+enum Source {
+    /// Registered here: its detector (and flap damping) judge it.
+    Local(Box<Local>),
+    /// Registered with another sidecar, which judges it; a mirror keeps it up to date
+    /// through [`Registry::apply_remote`] and [`Registry::remove_remote`].
+    Remote(Remote),
+}
+
+#[derive(Debug)]
+struct Local {
     registration: Registration,
     /// Tells this registration's probe results from an earlier one's.
     generation: u64,
     detector: Detector,
-    health: Health,
-    since: Instant,
     last_heartbeat: Option<Instant>,
-    held_out_until: Option<Instant>,
-    modify_index: u64,
     probe: Option<AbortHandle>,
+}
+
+/// A remote instance's details (its health and hold-out are the entry's).
+#[derive(Debug, PartialEq)]
+struct Remote {
+    address: String,
+    metadata: BTreeMap<String, String>,
+    check_kind: String,
+    origin: String,
+}
+
+impl Remote {
+    fn new(r: &RemoteInstance) -> Self {
+        Self {
+            address: r.address.clone(),
+            metadata: r.metadata.clone(),
+            check_kind: r.check_kind.clone(),
+            origin: r.origin.clone(),
+        }
+    }
+
+    fn same_details(&self, r: &RemoteInstance) -> bool {
+        self.address == r.address
+            && self.metadata == r.metadata
+            && self.check_kind == r.check_kind
+            && self.origin == r.origin
+    }
 }
 
 impl Entry {
     fn stop_probe(&mut self) {
-        if let Some(probe) = self.probe.take() {
+        if let Source::Local(local) = &mut self.source
+            && let Some(probe) = local.probe.take()
+        {
             probe.abort();
         }
     }
+
+    fn local(&self) -> Option<&Local> {
+        match &self.source {
+            Source::Local(local) => Some(local),
+            Source::Remote(_) => None,
+        }
+    }
+
+    /// The sidecar that judges it, if not this one.
+    fn origin(&self) -> Option<&str> {
+        match &self.source {
+            Source::Local(_) => None,
+            Source::Remote(remote) => Some(&remote.origin),
+        }
+    }
+}
+
+/// A remote instance's check kind as a static label (unknown kinds: `"remote"`).
+fn kind_label(kind: &str) -> &'static str {
+    ["ttl", "phi", "http"]
+        .into_iter()
+        .find(|k| *k == kind)
+        .unwrap_or("remote")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,16 +174,16 @@ fn check_name(what: &'static str, value: &str) -> Result<(), RegistryError> {
     })
 }
 
-fn check_registration(r: &Registration) -> Result<(), RegistryError> {
+/// Checks an address and metadata (local and remote instances).
+fn check_details(address: &str, metadata: &BTreeMap<String, String>) -> Result<(), RegistryError> {
     let bad = |m: String| Err(RegistryError::InvalidRegistration(m));
-    if r.address.is_empty() || r.address.len() > MAX_TEXT {
+    if address.is_empty() || address.len() > MAX_TEXT {
         return bad(format!("address must be 1 to {MAX_TEXT} bytes"));
     }
-    if r.metadata.len() > MAX_METADATA {
+    if metadata.len() > MAX_METADATA {
         return bad(format!("metadata may have at most {MAX_METADATA} entries"));
     }
-    if let Some((k, _)) = r
-        .metadata
+    if let Some((k, _)) = metadata
         .iter()
         .find(|(k, v)| k.is_empty() || k.len() > MAX_TEXT || v.len() > MAX_TEXT)
     {
@@ -125,6 +192,24 @@ fn check_registration(r: &Registration) -> Result<(), RegistryError> {
             k.chars().take(64).collect::<String>()
         ));
     }
+    Ok(())
+}
+
+fn check_remote(r: &RemoteInstance) -> Result<(), RegistryError> {
+    check_details(&r.address, &r.metadata)?;
+    let bad = |m: &str| Err(RegistryError::InvalidRegistration(m.to_owned()));
+    if r.origin.is_empty() || r.origin.len() > MAX_TEXT {
+        return bad("origin must be 1 to 1024 bytes");
+    }
+    if r.check_kind.len() > MAX_TEXT {
+        return bad("check kind must be at most 1024 bytes");
+    }
+    Ok(())
+}
+
+fn check_registration(r: &Registration) -> Result<(), RegistryError> {
+    let bad = |m: String| Err(RegistryError::InvalidRegistration(m));
+    check_details(&r.address, &r.metadata)?;
     if r.deregister_after > Duration::from_secs(7 * 24 * 60 * 60) {
         return bad("deregister_after must be at most 7 days".into());
     }
@@ -165,6 +250,10 @@ impl Registry {
     /// instance (and restarts its detector). A new instance with a push check starts
     /// alive; with an HTTP check it is suspect until its first probe passes.
     ///
+    /// Registering an id that is [remote](Self::apply_remote) takes it over: the
+    /// instance is now registered here and judged here (a mirror then publishes it as
+    /// this sidecar's).
+    ///
     /// # Errors
     /// Invalid names or registration, or [`RegistryError::Full`].
     pub fn register(
@@ -188,11 +277,11 @@ impl Registry {
             .services
             .get_mut(service)
             .and_then(|s| s.instances.get_mut(id));
-        let replacing = match current {
-            Some(entry) if entry.registration == registration => {
+        let replacing = match current.map(|e| &mut e.source) {
+            Some(Source::Local(local)) if local.registration == registration => {
                 // The same details again: a heartbeat.
-                if entry.detector.heartbeat(now) {
-                    entry.last_heartbeat = Some(now);
+                if local.detector.heartbeat(now) {
+                    local.last_heartbeat = Some(now);
                 }
                 None
             }
@@ -219,13 +308,9 @@ impl Registry {
         }
         svc.index = index;
         let push = registration.check.is_push();
-        let mut entry = Entry {
+        let mut local = Local {
             detector: Detector::new(&registration.check, now),
-            health: if push { Health::Alive } else { Health::Suspect },
-            since: now,
             last_heartbeat: push.then_some(now),
-            held_out_until: None,
-            modify_index: index,
             generation,
             probe: None,
             registration,
@@ -235,7 +320,7 @@ impl Registry {
             interval,
             timeout,
             ..
-        } = &entry.registration.check
+        } = &local.registration.check
             && let Some(prober) = &self.inner.prober
         {
             let task = tokio::spawn(probe_loop(
@@ -246,8 +331,15 @@ impl Registry {
                 *interval,
                 *timeout,
             ));
-            entry.probe = Some(task.abort_handle());
+            local.probe = Some(task.abort_handle());
         }
+        let entry = Entry {
+            source: Source::Local(Box::new(local)),
+            health: if push { Health::Alive } else { Health::Suspect },
+            since: now,
+            held_out_until: None,
+            modify_index: index,
+        };
         svc.instances.insert(id.to_owned(), entry);
         tracing::info!(service, id, replacing, "instance registered");
         self.inner.emit(service, id, Change::Registered, index);
@@ -261,8 +353,9 @@ impl Registry {
     /// Records a heartbeat from a push-checked instance.
     ///
     /// # Errors
-    /// [`RegistryError::UnknownInstance`] (register again) or
-    /// [`RegistryError::NotPush`].
+    /// [`RegistryError::UnknownInstance`] (register again),
+    /// [`RegistryError::NotPush`], or [`RegistryError::Remote`] (another sidecar
+    /// judges it: heartbeat there, or register here to take it over).
     pub fn heartbeat(&self, service: &str, id: &str) -> Result<Instance, RegistryError> {
         let now = Instant::now();
         let mut state = lock(&self.inner.state);
@@ -272,24 +365,37 @@ impl Registry {
             .get_mut(service)
             .and_then(|s| s.instances.get_mut(id))
             .ok_or_else(|| unknown(service, id))?;
-        if !entry.detector.heartbeat(now) {
+        let local = match &mut entry.source {
+            Source::Local(local) => local,
+            Source::Remote(remote) => return Err(remote_error(service, id, &remote.origin)),
+        };
+        if !local.detector.heartbeat(now) {
             return Err(RegistryError::NotPush {
                 service: service.to_owned(),
                 id: id.to_owned(),
             });
         }
-        entry.last_heartbeat = Some(now);
+        local.last_heartbeat = Some(now);
         let instance = self.inner.evaluate_one(state, service, id, now);
         self.inner.replan.notify_one();
         instance.ok_or_else(|| unknown(service, id))
     }
 
-    /// Removes an instance.
+    /// Removes an instance registered here.
     ///
     /// # Errors
-    /// [`RegistryError::UnknownInstance`].
+    /// [`RegistryError::UnknownInstance`], or [`RegistryError::Remote`]: another
+    /// sidecar judges it, so only that sidecar (or its death) removes it.
     pub fn deregister(&self, service: &str, id: &str) -> Result<(), RegistryError> {
         let mut state = lock(&self.inner.state);
+        if let Some(origin) = state
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(id))
+            .and_then(Entry::origin)
+        {
+            return Err(remote_error(service, id, origin));
+        }
         if self.inner.remove(&mut state, service, id, false) {
             Ok(())
         } else {
@@ -375,6 +481,159 @@ impl Registry {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
     }
+
+    /// Inserts or updates instance `id` of `service` as another sidecar (`origin`)
+    /// judges it. The driver never judges it: no detector, no flap damping, no
+    /// `deregister_after` — it stays as given until the next `apply_remote` or
+    /// [`remove_remote`](Self::remove_remote). Bumps the service index and emits
+    /// events only when something changed: [`Change::Registered`] when it is new
+    /// (or its address, metadata, check kind or origin changed), [`Change::Health`],
+    /// [`Change::HeldOut`] (penalty 0: the origin's damping decided) and
+    /// [`Change::Released`].
+    ///
+    /// An id registered *here* is replaced: the caller (a mirror) decided that the
+    /// other sidecar's registration is the newer one.
+    ///
+    /// # Errors
+    /// Invalid names, address, metadata or origin, or [`RegistryError::Full`].
+    pub fn apply_remote(
+        &self,
+        service: &str,
+        id: &str,
+        remote: RemoteInstance,
+    ) -> Result<Instance, RegistryError> {
+        check_name("service", service)?;
+        check_name("instance id", id)?;
+        check_remote(&remote)?;
+        let now = Instant::now();
+        let held_until = remote.held_out.map(|d| {
+            now.checked_add(d)
+                .unwrap_or(now + Duration::from_secs(86_400))
+        });
+        let mut state = lock(&self.inner.state);
+        let state = &mut *state;
+        let current = state
+            .services
+            .get_mut(service)
+            .and_then(|s| s.instances.get_mut(id));
+        match current {
+            Some(entry) if matches!(entry.source, Source::Remote(_)) => {
+                let mut changes = Vec::new();
+                if let Source::Remote(details) = &mut entry.source
+                    && !details.same_details(&remote)
+                {
+                    *details = Remote::new(&remote);
+                    changes.push(Change::Registered);
+                }
+                if entry.health != remote.health {
+                    changes.push(Change::Health {
+                        from: entry.health,
+                        to: remote.health,
+                    });
+                    entry.health = remote.health;
+                    entry.since = now;
+                }
+                match (entry.held_out_until, held_until) {
+                    (None, Some(until)) => {
+                        entry.held_out_until = Some(until);
+                        changes.push(Change::HeldOut {
+                            until,
+                            penalty: 0.0,
+                        });
+                    }
+                    (Some(_), None) => {
+                        entry.held_out_until = None;
+                        changes.push(Change::Released);
+                    }
+                    _ => {}
+                }
+                if !changes.is_empty() {
+                    state.index += 1;
+                    let index = state.index;
+                    entry.modify_index = index;
+                    if let Some(svc) = state.services.get_mut(service) {
+                        svc.index = index;
+                    }
+                    tracing::debug!(service, id, origin = %remote.origin, ?changes, "remote instance updated");
+                    for change in changes {
+                        self.inner.emit(service, id, change, index);
+                    }
+                    self.inner.index.send_replace(index);
+                }
+            }
+            other => {
+                let replacing = other.is_some();
+                if !replacing && state.count >= self.inner.settings.max_instances {
+                    return Err(RegistryError::Full {
+                        limit: self.inner.settings.max_instances,
+                    });
+                }
+                state.index += 1;
+                let index = state.index;
+                let svc = state.services.entry(service.to_owned()).or_default();
+                if let Some(mut old) = svc.instances.remove(id) {
+                    old.stop_probe();
+                } else {
+                    state.count += 1;
+                }
+                svc.index = index;
+                svc.instances.insert(
+                    id.to_owned(),
+                    Entry {
+                        source: Source::Remote(Remote::new(&remote)),
+                        health: remote.health,
+                        since: now,
+                        held_out_until: held_until,
+                        modify_index: index,
+                    },
+                );
+                tracing::info!(service, id, origin = %remote.origin, replacing, "remote instance registered");
+                self.inner.emit(service, id, Change::Registered, index);
+                self.inner.index.send_replace(index);
+            }
+        }
+        let entry = state
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(id))
+            .ok_or_else(|| unknown(service, id))?;
+        Ok(view(service, id, entry, state, now))
+    }
+
+    /// Removes a remote instance (event [`Change::Deregistered`], not dead); `false`
+    /// if there is none — an instance registered here is left alone.
+    pub fn remove_remote(&self, service: &str, id: &str) -> bool {
+        let mut state = lock(&self.inner.state);
+        let remote = state
+            .services
+            .get(service)
+            .and_then(|s| s.instances.get(id))
+            .is_some_and(|e| e.origin().is_some());
+        remote && self.inner.remove(&mut state, service, id, false)
+    }
+
+    /// Every instance of every service, local and remote.
+    pub(crate) fn all_instances(&self) -> Vec<Instance> {
+        let now = Instant::now();
+        let state = lock(&self.inner.state);
+        state
+            .services
+            .iter()
+            .flat_map(|(service, s)| {
+                s.instances
+                    .iter()
+                    .map(|(id, e)| view(service, id, e, &state, now))
+            })
+            .collect()
+    }
+}
+
+fn remote_error(service: &str, id: &str, origin: &str) -> RegistryError {
+    RegistryError::Remote {
+        service: service.chars().take(MAX_TEXT).collect(),
+        id: id.chars().take(MAX_TEXT).collect(),
+        origin: origin.to_owned(),
+    }
 }
 
 fn unknown(service: &str, id: &str) -> RegistryError {
@@ -385,26 +644,48 @@ fn unknown(service: &str, id: &str) -> RegistryError {
 }
 
 fn view(service: &str, id: &str, e: &Entry, state: &State, now: Instant) -> Instance {
-    let penalty = state
-        .damping
-        .get(&(service.to_owned(), id.to_owned()))
-        .map_or(0.0, |d| d.penalty(now));
-    Instance {
-        service: service.to_owned(),
-        id: id.to_owned(),
-        address: e.registration.address.clone(),
-        metadata: e.registration.metadata.clone(),
-        check: e.registration.check.kind(),
-        health: e.health,
-        held_out_until: e.held_out_until,
-        since: e.since,
-        last_heartbeat: e.last_heartbeat,
-        phi: e.detector.phi(now),
-        penalty,
-        last_error: e.detector.last_error().map(str::to_owned),
-        deregister_at: (e.health == Health::Dead)
-            .then(|| e.since + e.registration.deregister_after),
-        modify_index: e.modify_index,
+    match &e.source {
+        Source::Local(l) => {
+            let penalty = state
+                .damping
+                .get(&(service.to_owned(), id.to_owned()))
+                .map_or(0.0, |d| d.penalty(now));
+            Instance {
+                service: service.to_owned(),
+                id: id.to_owned(),
+                address: l.registration.address.clone(),
+                metadata: l.registration.metadata.clone(),
+                check: l.registration.check.kind(),
+                health: e.health,
+                held_out_until: e.held_out_until,
+                since: e.since,
+                last_heartbeat: l.last_heartbeat,
+                phi: l.detector.phi(now),
+                penalty,
+                last_error: l.detector.last_error().map(str::to_owned),
+                deregister_at: (e.health == Health::Dead)
+                    .then(|| e.since + l.registration.deregister_after),
+                modify_index: e.modify_index,
+                origin: None,
+            }
+        }
+        Source::Remote(r) => Instance {
+            service: service.to_owned(),
+            id: id.to_owned(),
+            address: r.address.clone(),
+            metadata: r.metadata.clone(),
+            check: kind_label(&r.check_kind),
+            health: e.health,
+            held_out_until: e.held_out_until,
+            since: e.since,
+            last_heartbeat: None,
+            phi: None,
+            penalty: 0.0,
+            last_error: None,
+            deregister_at: None,
+            modify_index: e.modify_index,
+            origin: Some(r.origin.clone()),
+        },
     }
 }
 
@@ -451,7 +732,12 @@ impl Inner {
     ) -> Option<Instance> {
         let key = (service.to_owned(), id.to_owned());
         let entry = state.services.get_mut(service)?.instances.get_mut(id)?;
-        let health = entry.detector.health(now, entry.health);
+        let Source::Local(local) = &entry.source else {
+            // Another sidecar judges it.
+            let entry = state.services.get(service)?.instances.get(id)?;
+            return Some(view(service, id, entry, state, now));
+        };
+        let health = local.detector.health(now, entry.health);
         let mut changes = Vec::new();
         if health != entry.health {
             let from = entry.health;
@@ -504,7 +790,9 @@ impl Inner {
         }
         let entry = state.services.get(service)?.instances.get(id)?;
         if entry.health == Health::Dead
-            && now.saturating_duration_since(entry.since) >= entry.registration.deregister_after
+            && entry.local().is_some_and(|l| {
+                now.saturating_duration_since(entry.since) >= l.registration.deregister_after
+            })
         {
             tracing::info!(service, id, "dead instance deregistered");
             self.remove(state, service, id, true);
@@ -559,10 +847,14 @@ impl Inner {
             else {
                 continue;
             };
-            at(entry.detector.next_change(now, self.settings.phi_poll));
+            // Remote instances change only when their origin says so.
+            let Some(local) = entry.local() else {
+                continue;
+            };
+            at(local.detector.next_change(now, self.settings.phi_poll));
             at(entry.held_out_until);
             if entry.health == Health::Dead {
-                at(Some(entry.since + entry.registration.deregister_after));
+                at(Some(entry.since + local.registration.deregister_after));
             }
         }
         // Forget damping history that has decayed away for instances that are gone.
@@ -587,18 +879,21 @@ impl Inner {
         let now = Instant::now();
         let mut state = lock(&self.state);
         let state = &mut *state;
-        let Some(entry) = state
+        let Some(local) = state
             .services
             .get_mut(service)
             .and_then(|s| s.instances.get_mut(id))
-            .filter(|e| e.generation == generation)
+            .and_then(|e| match &mut e.source {
+                Source::Local(local) if local.generation == generation => Some(local),
+                _ => None,
+            })
         else {
             return;
         };
         if let Err(e) = &result {
             tracing::debug!(service, id, error = %e, "health check failed");
         }
-        entry.detector.probed(result);
+        local.detector.probed(result);
         self.evaluate_one(state, service, id, now);
         self.replan.notify_one();
     }

@@ -11,6 +11,15 @@
 //! in Consul and Eureka: instances re-register when a heartbeat answers
 //! [`RegistryError::UnknownInstance`] (the sidecar does this for its own app).
 //!
+//! # Sharing across sidecars
+//! A registry is local to its process. To share it, each sidecar judges the
+//! instances registered with it and publishes the verdicts; the other sidecars hold
+//! them as *remote* instances ([`Registry::apply_remote`],
+//! [`Registry::remove_remote`], [`Instance::origin`]), which their driver never
+//! judges and which take no heartbeats ([`RegistryError::Remote`]). Every read path
+//! (`instances`, `wait`, `services`, `subscribe`) shows local and remote instances
+//! alike. The `etcd` module (feature `etcd`) does the publishing through etcd.
+//!
 //! # Example
 //! ```
 //! use std::time::Duration;
@@ -40,6 +49,8 @@
 
 mod check;
 mod engine;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -128,7 +139,8 @@ pub struct Instance {
     pub address: String,
     /// Its labels.
     pub metadata: BTreeMap<String, String>,
-    /// `"ttl"`, `"phi"` or `"http"`.
+    /// `"ttl"`, `"phi"` or `"http"` (`"remote"` for a remote instance whose
+    /// check kind this version does not know).
     pub check: &'static str,
     /// What the detector concludes.
     pub health: Health,
@@ -148,6 +160,9 @@ pub struct Instance {
     pub deregister_at: Option<Instant>,
     /// The service index at which this instance last changed.
     pub modify_index: u64,
+    /// The sidecar that judges it, for an instance registered with another one
+    /// ([`Registry::apply_remote`]); `None` for an instance registered here.
+    pub origin: Option<String>,
 }
 
 impl Instance {
@@ -155,6 +170,28 @@ impl Instance {
     pub fn is_healthy(&self) -> bool {
         self.health == Health::Alive && self.held_out_until.is_none()
     }
+}
+
+/// An instance registered with another sidecar, as that sidecar judges it: what
+/// [`Registry::apply_remote`] takes (a mirror such as `registry::etcd::EtcdMirror`
+/// reads it from the shared store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteInstance {
+    /// Where to reach it.
+    pub address: String,
+    /// Its labels.
+    pub metadata: BTreeMap<String, String>,
+    /// What its sidecar's detector concludes.
+    pub health: Health,
+    /// Held out by its sidecar's flap damping for about this much longer (as of
+    /// when it was published), or not held out. The local view shows it held out
+    /// until the origin says it was released.
+    pub held_out: Option<Duration>,
+    /// Its check's kind at its sidecar: `"ttl"`, `"phi"` or `"http"` (anything else
+    /// shows as `"remote"` in [`Instance::check`]).
+    pub check_kind: String,
+    /// The sidecar that judges it.
+    pub origin: String,
 }
 
 /// Which instances a query returns.
@@ -283,6 +320,18 @@ pub enum RegistryError {
         service: String,
         /// The instance.
         id: String,
+    },
+    /// The instance is registered with another sidecar (`origin`), which judges it:
+    /// it takes no heartbeats here and is not deregistered here. Registering it here
+    /// takes it over.
+    #[error("instance {id:?} of service {service:?} is registered with sidecar {origin:?}")]
+    Remote {
+        /// The service.
+        service: String,
+        /// The instance.
+        id: String,
+        /// The sidecar that owns it.
+        origin: String,
     },
     /// The registry holds as many instances as it may.
     #[error("the registry is full ({limit} instances)")]

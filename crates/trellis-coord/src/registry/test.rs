@@ -1,6 +1,6 @@
 //! Registry behaviour on paused time.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -386,4 +386,238 @@ async fn the_registry_is_bounded() {
     r.register("s", "b", ttl("x:2")).expect("b again");
     r.deregister("s", "a").expect("deregister");
     r.register("s", "c", ttl("x:1")).expect("c");
+}
+
+// === remote instances ===
+
+fn remote(address: &str, health: Health) -> RemoteInstance {
+    RemoteInstance {
+        address: address.into(),
+        metadata: BTreeMap::from([("zone".to_owned(), "b".to_owned())]),
+        health,
+        held_out: None,
+        check_kind: "ttl".into(),
+        origin: "sidecar-b".into(),
+    }
+}
+
+fn labels(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<&'static str> {
+    drain(events).map(|e| e.change.label()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn remote_instances_are_listed_and_only_changes_bump_the_index() {
+    let r = registry();
+    let mut events = r.subscribe();
+    let before = r.instances("orders", Filter::All);
+    let waiter = {
+        let r = r.clone();
+        tokio::spawn(async move {
+            r.wait("orders", before.index, Duration::from_secs(60), Filter::All)
+                .await
+        })
+    };
+    settle().await;
+    let got = r
+        .apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(got.origin.as_deref(), Some("sidecar-b"));
+    assert_eq!(got.check, "ttl");
+    assert!(got.is_healthy());
+    // A blocking query wakes.
+    let woke = waiter.await.expect("waiter");
+    assert_eq!(woke.instances.len(), 1);
+    assert_eq!(woke.instances[0].address, "10.0.0.9:80");
+    assert_eq!(labels(&mut events), ["registered"]);
+    let index = r.instances("orders", Filter::All).index;
+
+    // The same again changes nothing.
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(r.instances("orders", Filter::All).index, index);
+    assert!(labels(&mut events).is_empty());
+
+    // Health and hold-out as the origin says.
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Suspect))
+        .expect("apply");
+    assert_eq!(labels(&mut events), ["suspect"]);
+    assert!(r.instances("orders", Filter::Healthy).instances.is_empty());
+    let held = RemoteInstance {
+        held_out: Some(Duration::from_secs(30)),
+        ..remote("10.0.0.9:80", Health::Alive)
+    };
+    r.apply_remote("orders", "x", held.clone()).expect("apply");
+    assert_eq!(labels(&mut events), ["alive", "held_out"]);
+    let x = r.instance("orders", "x").expect("listed");
+    assert!(x.held_out_until.is_some());
+    assert!(!x.is_healthy());
+    // Another remaining time for the same hold-out is no change.
+    r.apply_remote(
+        "orders",
+        "x",
+        RemoteInstance {
+            held_out: Some(Duration::from_secs(20)),
+            ..held
+        },
+    )
+    .expect("apply");
+    assert!(labels(&mut events).is_empty());
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(labels(&mut events), ["released"]);
+    // New details are a registration.
+    r.apply_remote("orders", "x", remote("10.0.0.10:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(labels(&mut events), ["registered"]);
+
+    let (_, services) = r.services();
+    assert_eq!(
+        services,
+        vec![ServiceSummary {
+            service: "orders".into(),
+            index: r.instances("orders", Filter::All).index,
+            instances: 1,
+            healthy: 1,
+        }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_driver_never_judges_remote_instances() {
+    let r = registry();
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Dead))
+        .expect("apply");
+    let index = r.instances("orders", Filter::All).index;
+    // Far beyond any TTL and deregister_after.
+    for _ in 0..10 {
+        sleep(Duration::from_secs(60)).await;
+        settle().await;
+    }
+    let x = r.instance("orders", "x").expect("still there");
+    assert_eq!(x.health, Health::Dead);
+    assert_eq!(x.deregister_at, None);
+    assert_eq!(x.last_heartbeat, None);
+    assert_eq!(r.instances("orders", Filter::All).index, index);
+}
+
+#[tokio::test(start_paused = true)]
+async fn remote_instances_take_no_heartbeats_and_are_removed_by_the_mirror_only() {
+    let r = registry();
+    let mut events = r.subscribe();
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    let remote_error = RegistryError::Remote {
+        service: "orders".into(),
+        id: "x".into(),
+        origin: "sidecar-b".into(),
+    };
+    assert_eq!(r.heartbeat("orders", "x"), Err(remote_error.clone()));
+    assert_eq!(r.deregister("orders", "x"), Err(remote_error));
+    assert!(r.instance("orders", "x").is_some());
+
+    // remove_remote leaves local instances alone.
+    r.register("orders", "a", ttl("10.0.0.1:80"))
+        .expect("register");
+    assert!(!r.remove_remote("orders", "a"));
+    assert!(r.instance("orders", "a").is_some());
+    assert!(!r.remove_remote("orders", "nope"));
+
+    drain(&mut events).for_each(drop);
+    assert!(r.remove_remote("orders", "x"));
+    assert!(r.instance("orders", "x").is_none());
+    let seen: Vec<_> = drain(&mut events).map(|e| (e.id, e.change)).collect();
+    assert_eq!(
+        seen,
+        vec![("x".to_owned(), Change::Deregistered { dead: false })]
+    );
+    assert!(!r.remove_remote("orders", "x"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn registering_locally_takes_a_remote_instance_over_and_back() {
+    let r = registry();
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Suspect))
+        .expect("apply");
+    // The app moved to this sidecar: registering here takes it over.
+    let got = r
+        .register("orders", "x", ttl("10.0.0.1:80"))
+        .expect("register");
+    assert_eq!(got.origin, None);
+    assert_eq!(got.health, Health::Alive);
+    r.heartbeat("orders", "x").expect("heartbeat");
+    // Judged here now: without heartbeats it goes suspect.
+    sleep(TTL + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(health(&r, "x"), Some(Health::Suspect));
+    assert_eq!(r.services().1[0].instances, 1);
+
+    // ...and a newer registration elsewhere replaces the local one.
+    let got = r
+        .apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(got.origin.as_deref(), Some("sidecar-b"));
+    // Not judged here any more: it stays alive.
+    sleep(TTL * 5).await;
+    settle().await;
+    assert_eq!(health(&r, "x"), Some(Health::Alive));
+    assert_eq!(r.services().1[0].instances, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_remote_instances_are_refused_and_count_towards_the_limit() {
+    let r = Registry::new(
+        RegistrySettings {
+            max_instances: 1,
+            ..RegistrySettings::default()
+        },
+        None,
+    );
+    let bad = |f: fn(&mut RemoteInstance)| {
+        let mut i = remote("10.0.0.9:80", Health::Alive);
+        f(&mut i);
+        i
+    };
+    for i in [
+        bad(|i| i.address.clear()),
+        bad(|i| i.origin.clear()),
+        bad(|i| {
+            i.metadata.insert(String::new(), "v".into());
+        }),
+    ] {
+        assert!(matches!(
+            r.apply_remote("orders", "x", i),
+            Err(RegistryError::InvalidRegistration(_))
+        ));
+    }
+    assert!(matches!(
+        r.apply_remote("or/ders", "x", remote("10.0.0.9:80", Health::Alive)),
+        Err(RegistryError::InvalidName { .. })
+    ));
+    assert!(r.services().1.is_empty());
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Alive))
+        .expect("apply");
+    assert_eq!(
+        r.apply_remote("orders", "y", remote("10.0.0.9:80", Health::Alive)),
+        Err(RegistryError::Full { limit: 1 })
+    );
+    assert_eq!(
+        r.register("orders", "a", ttl("10.0.0.1:80")),
+        Err(RegistryError::Full { limit: 1 })
+    );
+    // Updating or taking over is not growing.
+    r.apply_remote("orders", "x", remote("10.0.0.9:80", Health::Dead))
+        .expect("apply");
+    r.register("orders", "x", ttl("10.0.0.1:80"))
+        .expect("take over");
+    // An unknown check kind shows as "remote".
+    assert!(!r.remove_remote("orders", "x"));
+    r.deregister("orders", "x").expect("deregister");
+    let odd = RemoteInstance {
+        check_kind: "grpc".into(),
+        ..remote("10.0.0.9:80", Health::Alive)
+    };
+    assert_eq!(
+        r.apply_remote("orders", "z", odd).expect("apply").check,
+        "remote"
+    );
 }
