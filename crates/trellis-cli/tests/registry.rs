@@ -418,3 +418,91 @@ async fn shard_maps_follow_the_registry_service() {
     })
     .await;
 }
+
+/// With the etcd coordination backend, sidecars share one registry: each judges the
+/// instances registered with it, the others see the verdicts and invoke them.
+#[tokio::test]
+async fn sidecars_on_etcd_share_the_registry() {
+    if !trellis_core::testing::services_enabled("etcd") {
+        return;
+    }
+    let etcd = trellis_core::testing::Etcd::start();
+    let coord = format!(
+        "[components.coord.default]\ntype = \"etcd\"\nendpoints = [{:?}]\nprefix = \"{}/\"\n",
+        etcd.url(),
+        trellis_core::testing::unique_name("registry")
+    );
+    let app = Upstream::start("orders-on-a", Behavior::Ok).await;
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let config_a = format!(
+        "{coord}\n[app]\nid = \"orders\"\nurl = {:?}\ninstance_id = \"orders-a\"\nheartbeat_interval = \"200ms\"\nttl = \"1s\"\n",
+        app.url
+    );
+    let config_b = format!("{coord}\n[apps.orders]\ndiscovery = \"registry\"\n");
+    let mut a = Trellis::start_in(dir_a.path(), &config_a).await;
+    let b = Trellis::start_in(dir_b.path(), &config_b).await;
+
+    // B sees the app A registered, judged by A, and invokes it.
+    let seen = until(
+        &b,
+        "/v1/registry/services/orders/instances/orders-a",
+        Duration::from_secs(10),
+        |v| v["healthy"] == true,
+    )
+    .await;
+    assert!(
+        seen["origin"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("sidecar-")),
+        "{seen}"
+    );
+    let mut invoked = false;
+    for _ in 0..100 {
+        let r = client()
+            .get(b.url("/v1/invoke/orders/hi"))
+            .send()
+            .await
+            .expect("invoke");
+        if r.status().as_u16() == 200 {
+            assert!(r.text().await.expect("body").starts_with("orders-on-a"));
+            invoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(invoked, "B never reached the instance registered through A");
+    // A's verdicts travel: B can't heartbeat an instance A judges.
+    let (status, problem) =
+        send(client().post(b.url("/v1/registry/services/orders/instances/orders-a/heartbeat")))
+            .await;
+    assert_eq!((status, code(&problem)), (409, "remote_instance"));
+
+    // An instance registered through B shows on A.
+    put(
+        &b,
+        "/v1/registry/services/orders/instances/orders-b",
+        json!({"address": "10.0.0.9:80", "ttl": "30s"}),
+    )
+    .await;
+    until(
+        &a,
+        "/v1/registry/services/orders/instances/orders-b",
+        Duration::from_secs(10),
+        |v| v["health"] == "alive",
+    )
+    .await;
+
+    // A shuts down: its instances leave B's registry at once (its session is revoked).
+    a.signal("TERM");
+    a.wait(Duration::from_secs(30)).await;
+    until(
+        &b,
+        "/v1/registry/services/orders",
+        Duration::from_secs(5),
+        |v| ids(v) == ["orders-b"],
+    )
+    .await;
+}

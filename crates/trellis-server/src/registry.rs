@@ -263,3 +263,67 @@ pub(crate) fn feed_shard_maps(registry: &Registry, shards: &Arc<crate::shards::S
         });
     }
 }
+
+/// Shares the registry with the other sidecars of the coordination backend: with
+/// `[components.coord.default] type = "etcd"`, an [`EtcdMirror`] publishes the
+/// instances registered here and imports everyone else's. Otherwise the registry is
+/// this sidecar's own.
+///
+/// [`EtcdMirror`]: trellis_coord::registry::etcd::EtcdMirror
+#[derive(Debug, Default)]
+pub(crate) struct Sharing {
+    #[cfg(feature = "etcd")]
+    mirror: tokio::sync::Mutex<Option<trellis_coord::registry::etcd::EtcdMirror>>,
+}
+
+impl Sharing {
+    /// Starts sharing `registry` if the coordination backend can carry it.
+    #[cfg_attr(not(feature = "etcd"), allow(clippy::unused_async))]
+    pub(crate) async fn start(
+        config: &trellis_core::Config,
+        registry: &Registry,
+    ) -> Result<Self, trellis_coord::CoordError> {
+        #[cfg(feature = "etcd")]
+        if let Some(trellis_core::config::CoordComponent::Etcd(etcd)) = config
+            .components
+            .coord
+            .get(trellis_core::config::DEFAULT_COMPONENT)
+        {
+            let mut settings = trellis_coord::etcd::EtcdConfig::default();
+            settings.endpoints.clone_from(&etcd.endpoints);
+            settings.prefix.clone_from(&etcd.prefix);
+            settings.connect_timeout = etcd.connect_timeout;
+            let origin = format!(
+                "sidecar-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            );
+            let mirror = trellis_coord::registry::etcd::EtcdMirror::start(
+                registry.clone(),
+                settings,
+                origin,
+            )
+            .await?;
+            tracing::info!(
+                origin = mirror.origin(),
+                prefix = mirror.prefix(),
+                "sharing the service registry through etcd"
+            );
+            return Ok(Self {
+                mirror: tokio::sync::Mutex::new(Some(mirror)),
+            });
+        }
+        let _ = (config, registry);
+        Ok(Self::default())
+    }
+
+    /// Stops sharing: the other sidecars drop this one's instances at once.
+    #[cfg_attr(not(feature = "etcd"), allow(clippy::unused_async))]
+    pub(crate) async fn stop(&self) {
+        #[cfg(feature = "etcd")]
+        if let Some(mirror) = self.mirror.lock().await.take()
+            && let Err(e) = mirror.stop().await
+        {
+            tracing::warn!(error = %e, "stopping the registry mirror failed");
+        }
+    }
+}

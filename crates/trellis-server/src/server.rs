@@ -287,6 +287,13 @@ impl Server {
                 return Err(BuildError::Coord(e));
             }
         }
+        match crate::registry::Sharing::start(&config, &server.state.service_registry).await {
+            Ok(sharing) => server.state.registry_sharing = Arc::new(sharing),
+            Err(e) => {
+                server.close().await;
+                return Err(BuildError::Coord(e));
+            }
+        }
         match Projections::start(
             &config,
             &server.state.eventstores,
@@ -362,6 +369,7 @@ impl Server {
                 projections: Arc::default(),
                 coord: None,
                 service_registry: crate::registry::start(),
+                registry_sharing: Arc::default(),
                 self_registration: Arc::default(),
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
                 config: whole,
@@ -571,6 +579,7 @@ impl Server {
         if let Some(registration) = registration {
             registration.stop();
         }
+        self.state.registry_sharing.stop().await;
         // Deliveries in progress finish and are settled before the pub/subs close,
         // within the drain timeout: any still out then are redelivered after restart.
         if tokio::time::timeout(

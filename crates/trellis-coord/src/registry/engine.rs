@@ -612,7 +612,9 @@ impl Registry {
         remote && self.inner.remove(&mut state, service, id, false)
     }
 
-    /// Every instance of every service, local and remote.
+    /// Every instance of every service, local and remote (the etcd mirror republishes
+    /// them).
+    #[cfg(feature = "etcd")]
     pub(crate) fn all_instances(&self) -> Vec<Instance> {
         let now = Instant::now();
         let state = lock(&self.inner.state);

@@ -52,6 +52,8 @@ pub(crate) struct AppState {
     pub(crate) shards: Arc<crate::shards::ShardMaps>,
     /// The service registry.
     pub(crate) service_registry: trellis_coord::registry::Registry,
+    /// Its sharing with other sidecars (etcd), if any.
+    pub(crate) registry_sharing: Arc<crate::registry::Sharing>,
     /// The registration of the app this sidecar serves (`[app]`), while it runs.
     pub(crate) self_registration: Arc<std::sync::Mutex<Option<crate::registry::SelfRegistration>>>,
 }

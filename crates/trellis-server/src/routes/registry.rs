@@ -68,6 +68,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotPush { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "not_push_check", e.to_string())
             }
+            RegistryError::Remote { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "remote_instance", e.to_string())
+            }
             RegistryError::Full { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "registry_full",
@@ -111,6 +114,7 @@ fn instance_json(i: &Instance) -> Value {
         "last_error": i.last_error,
         "deregister_in_ms": i.deregister_at.map(until),
         "modify_index": i.modify_index,
+        "origin": i.origin,
     })
 }
 
