@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::name::Name;
+use crate::name::{Name, check_owner, check_ttl, check_wait};
 
 /// Which namespace a name lives in: a lock and an election may share a name without
 /// sharing anything else, fencing tokens included.
@@ -452,6 +452,14 @@ pub(crate) trait ByKind: Debug + Send + Sync + 'static {
     async fn shut_down(&self) -> Result<(), CoordError>;
 }
 
+/// Validation first (guarantee 6), once for every backend.
+fn check_take(owner: &str, ttl: Duration, wait: Duration) -> Result<(), CoordError> {
+    check_owner(owner)?;
+    check_ttl(ttl)?;
+    check_wait(wait)?;
+    Ok(())
+}
+
 #[async_trait]
 impl<T: ByKind> Coordinator for T {
     fn backend(&self) -> &'static str {
@@ -465,6 +473,7 @@ impl<T: ByKind> Coordinator for T {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
+        check_take(owner, ttl, wait)?;
         self.take_lease(Kind::Lock, name, owner, ttl, wait).await
     }
 
@@ -475,6 +484,8 @@ impl<T: ByKind> Coordinator for T {
         fencing_token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
+        check_owner(owner)?;
+        check_ttl(ttl)?;
         self.renew_lease(Kind::Lock, name, owner, fencing_token, ttl)
             .await
     }
@@ -485,6 +496,7 @@ impl<T: ByKind> Coordinator for T {
         owner: &str,
         fencing_token: u64,
     ) -> Result<(), CoordError> {
+        check_owner(owner)?;
         self.end_lease(Kind::Lock, name, owner, fencing_token).await
     }
 
@@ -499,6 +511,7 @@ impl<T: ByKind> Coordinator for T {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
+        check_take(candidate, ttl, wait)?;
         self.take_lease(Kind::Election, name, candidate, ttl, wait)
             .await
     }
@@ -510,6 +523,8 @@ impl<T: ByKind> Coordinator for T {
         fencing_token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
+        check_owner(candidate)?;
+        check_ttl(ttl)?;
         self.renew_lease(Kind::Election, name, candidate, fencing_token, ttl)
             .await
     }
@@ -520,6 +535,7 @@ impl<T: ByKind> Coordinator for T {
         candidate: &str,
         fencing_token: u64,
     ) -> Result<(), CoordError> {
+        check_owner(candidate)?;
         self.end_lease(Kind::Election, name, candidate, fencing_token)
             .await
     }

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use self::slot::{Effect, Holder, Poll, Slot, WaiterId};
 use self::tokens::Tokens;
 use crate::api::{ByKind, CoordError, Kind, LeaderInfo, Lease};
-use crate::name::{Name, check_owner, check_ttl, check_wait};
+use crate::name::Name;
 
 pub(crate) const BACKEND: &str = "embedded";
 
@@ -374,9 +374,6 @@ impl EmbeddedCoordinator {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
-        check_wait(wait)?;
         let shared = &*self.shared;
         let key = (kind, name.clone());
         let started = Instant::now();
@@ -500,8 +497,6 @@ impl EmbeddedCoordinator {
         token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
         let key = (kind, name.clone());
         let mut state = self.shared.lock();
         if state.closed {
@@ -533,7 +528,6 @@ impl EmbeddedCoordinator {
         owner: &str,
         token: u64,
     ) -> Result<(), CoordError> {
-        check_owner(owner)?;
         let key = (kind, name.clone());
         let mut state = self.shared.lock();
         if state.closed {

@@ -99,7 +99,7 @@ use tokio::time::{Instant, sleep_until};
 
 use self::record::{Held, Keys, ceil_secs, holder_value, secs};
 use crate::api::{ByKind, CoordError, Kind, LeaderInfo, Lease};
-use crate::name::{Name, check_owner, check_ttl, check_wait};
+use crate::name::Name;
 
 pub(crate) const BACKEND: &str = "etcd";
 
@@ -712,9 +712,6 @@ impl ByKind for EtcdCoordinator {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
-        check_wait(wait)?;
         let inner = &*self.inner;
         inner.check_open()?;
         let started = Instant::now();
@@ -777,8 +774,6 @@ impl ByKind for EtcdCoordinator {
         fencing_token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
         let inner = &*self.inner;
         inner.check_open()?;
         let keys = inner.keys(kind, name);
@@ -797,7 +792,6 @@ impl ByKind for EtcdCoordinator {
         owner: &str,
         fencing_token: u64,
     ) -> Result<(), CoordError> {
-        check_owner(owner)?;
         let inner = &*self.inner;
         inner.check_open()?;
         let keys = inner.keys(kind, name);

@@ -83,7 +83,7 @@ use tokio::time::{Instant, sleep_until};
 use self::notify::{Hub, Interest};
 use self::sql::Statements;
 use crate::api::{ByKind, CoordError, Kind, LeaderInfo, Lease};
-use crate::name::{Name, check_owner, check_ttl, check_wait};
+use crate::name::Name;
 
 const BACKEND: &str = "postgres";
 /// Serializes schema creation across processes starting at once ("trellisC").
@@ -307,9 +307,6 @@ impl ByKind for PostgresCoordinator {
         ttl: Duration,
         wait: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
-        check_wait(wait)?;
         self.check_open()?;
         let (ttl_us, ttl) = granted_ttl(ttl);
         let started = Instant::now();
@@ -372,8 +369,6 @@ impl ByKind for PostgresCoordinator {
         fencing_token: u64,
         ttl: Duration,
     ) -> Result<Lease, CoordError> {
-        check_owner(owner)?;
-        check_ttl(ttl)?;
         self.check_open()?;
         let (ttl_us, ttl) = granted_ttl(ttl);
         let sent = Instant::now();
@@ -396,7 +391,6 @@ impl ByKind for PostgresCoordinator {
         owner: &str,
         fencing_token: u64,
     ) -> Result<(), CoordError> {
-        check_owner(owner)?;
         self.check_open()?;
         self.as_holder(&self.sql.release, kind, name, owner, fencing_token, None)
             .await?;
