@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use trellis_coord::registry::{
-    Check, Filter, Prober, Registration, Registry, RegistryError, RegistrySettings,
+    Check, Filter, Prober, Registration, Registry, RegistryError, RegistrySettings, Snapshot,
 };
 use trellis_core::config::ServedApp;
 use trellis_proxy::{Discovery, HealthProbe};
@@ -45,7 +45,7 @@ impl RegistryDiscovery {
         let apps = apps
             .into_iter()
             .map(|app| {
-                let (tx, rx) = watch::channel(urls(&registry, &app));
+                let (tx, rx) = watch::channel(urls(&registry.instances(&app, Filter::Healthy)));
                 tokio::spawn(follow(registry.clone(), app.clone(), tx));
                 (app, rx)
             })
@@ -70,9 +70,8 @@ fn base_url(address: &str) -> String {
     }
 }
 
-fn urls(registry: &Registry, service: &str) -> Vec<String> {
-    registry
-        .instances(service, Filter::Healthy)
+fn urls(snapshot: &Snapshot) -> Vec<String> {
+    snapshot
         .instances
         .iter()
         .map(|i| base_url(&i.address))
@@ -88,11 +87,7 @@ async fn follow(registry: Registry, service: String, tx: watch::Sender<Vec<Strin
             () = tx.closed() => return,
         };
         index = snapshot.index;
-        let list: Vec<String> = snapshot
-            .instances
-            .iter()
-            .map(|i| base_url(&i.address))
-            .collect();
+        let list = urls(&snapshot);
         tx.send_if_modified(|current| {
             if *current == list {
                 false

@@ -164,19 +164,6 @@ impl ShardMaps {
         self.maps.values()
     }
 
-    /// Replaces the members of map `name`; see [`ShardMap::set_members`].
-    ///
-    /// # Errors
-    /// [`ShardsError::UnknownMap`], or as [`ShardMap::set_members`].
-    #[allow(dead_code)] // NOTE: the service registry calls this; the API uses `ShardMap`.
-    pub(crate) async fn set_members(
-        &self,
-        name: &str,
-        members: Vec<ShardMember>,
-    ) -> Result<Option<Arc<Rebalance>>, ShardsError> {
-        self.get(name)?.set_members(members).await
-    }
-
     /// The hook of the service registry: `service`'s live instances changed to
     /// `members`. Rebalances every map with `members = { registry = "<service>" }`;
     /// returns each one's outcome, by map name.
