@@ -7,11 +7,13 @@
 //! - [`config`]: the `trellis.toml` schema, loading with environment overrides, and
 //!   validation that reports *every* error with its key path.
 //! - [`clock`]: injectable wall-clock time, for TTLs and anything persisted.
+//! - [`crashpoint`]: named places where crash tests stop the process to `kill -9` it.
 //! - [`trace`]: request ids and W3C trace context (`traceparent`).
 //! - [`testing`]: helpers for tests that need the real backing services.
 
 pub mod clock;
 pub mod config;
+pub mod crashpoint;
 pub mod testing;
 pub mod trace;
 
