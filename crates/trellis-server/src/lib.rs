@@ -43,6 +43,7 @@ mod openapi;
 mod projections;
 mod registry;
 mod routes;
+pub mod sagas;
 mod server;
 mod shards;
 mod subscriptions;

@@ -3,8 +3,8 @@
 use utoipa::OpenApi;
 
 use crate::routes::{
-    coord, invoke, ops, persistent, projections, pubsub, registry, resilience, shards, state,
-    streams,
+    coord, invoke, ops, persistent, projections, pubsub, registry, resilience, sagas, shards,
+    state, streams,
 };
 
 #[derive(OpenApi)]
@@ -84,6 +84,15 @@ use crate::routes::{
         registry::instances,
         registry::services,
         registry::events,
+        sagas::put_definition,
+        sagas::get_definition,
+        sagas::list_definitions,
+        sagas::delete_definition,
+        sagas::start,
+        sagas::get_saga,
+        sagas::list,
+        sagas::retry,
+        sagas::abort,
     ),
     components(schemas(crate::error::Problem)),
     tags(
@@ -95,6 +104,7 @@ use crate::routes::{
         (name = "coordination", description = "Locks and leader election with fencing tokens"),
         (name = "registry", description = "Service registry: instances, TTL/phi/HTTP health checks, blocking queries, change events"),
         (name = "shards", description = "Shard maps: key owners, assignments, rebalance plans and events"),
+        (name = "sagas", description = "Saga definitions, orchestrated sagas with compensation, operator retry/abort"),
         (name = "resilience", description = "Breakers, bulkheads, limiters, retry budgets, fault injection and upstream health"),
     )
 )]

@@ -77,6 +77,9 @@ pub enum BuildError {
     /// An app or policy could not be set up.
     #[error(transparent)]
     Invoke(#[from] trellis_proxy::BuildError),
+    /// The saga log or a saga definition could not be set up.
+    #[error("{0}")]
+    Sagas(String),
 }
 
 /// A sidecar: its open components, the apps it invokes, its proxy listeners, and the
@@ -287,6 +290,13 @@ impl Server {
                 return Err(BuildError::Coord(e));
             }
         }
+        match crate::sagas::start(&config, &data_dir, &server.state).await {
+            Ok(sagas) => server.state.sagas = sagas,
+            Err(e) => {
+                server.close().await;
+                return Err(BuildError::Sagas(e));
+            }
+        }
         match crate::registry::Sharing::start(&config, &server.state.service_registry).await {
             Ok(sharing) => server.state.registry_sharing = Arc::new(sharing),
             Err(e) => {
@@ -368,6 +378,7 @@ impl Server {
                 persistent: Arc::default(),
                 projections: Arc::default(),
                 coord: None,
+                sagas: None,
                 service_registry: crate::registry::start(),
                 registry_sharing: Arc::default(),
                 self_registration: Arc::default(),
@@ -404,6 +415,12 @@ impl Server {
                     .iter()
                     .map(|c| format!("coord.default ({})", c.backend())),
             )
+            .chain(
+                self.state
+                    .sagas
+                    .iter()
+                    .map(|o| format!("sagas.default ({})", o.backend())),
+            )
             .chain(self.state.invoker.apps().map(|app| format!("app.{app}")))
             .chain(
                 self.state.shards.iter().map(|map| {
@@ -437,6 +454,7 @@ impl Server {
             .merge(routes::coord::router())
             .merge(routes::registry::router())
             .merge(routes::shards::router())
+            .merge(routes::sagas::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())
@@ -595,6 +613,10 @@ impl Server {
         }
         // Projections stop after their batch in progress (committed or not at all).
         self.state.projections.stop_all().await;
+        // Sagas stop between transitions; they resume from the log on the next start.
+        if let Some(sagas) = &self.state.sagas {
+            sagas.close().await;
+        }
         if let Some(coord) = &self.state.coord
             && let Err(e) = coord.close().await
         {

@@ -23,7 +23,7 @@ pub(crate) const ENV_SEPARATOR: &str = "__";
 /// Shorthand for `server.api_token`.
 pub(crate) const API_TOKEN_ENV: &str = "TRELLIS_API_TOKEN";
 
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "app",
     "apps",
     "components",
@@ -31,11 +31,12 @@ const SECTIONS: [&str; 10] = [
     "log",
     "projections",
     "resiliency",
+    "sagas",
     "server",
     "shards",
     "subscriptions",
 ];
-const COMPONENT_KINDS: [&str; 4] = ["coord", "eventstore", "pubsub", "state"];
+const COMPONENT_KINDS: [&str; 5] = ["coord", "eventstore", "pubsub", "sagas", "state"];
 
 impl Config {
     /// Loads `path` (if any) with overrides from this process's environment.
@@ -124,6 +125,16 @@ impl Config {
                     named_tables(value, "shards", &mut errors, |name, key, value, errors| {
                         if let Some(s) = section::<super::ShardMapConfig>(value, &key, errors) {
                             config.shards.insert(name, s);
+                        }
+                    });
+                }
+                "sagas" => {
+                    named_tables(value, "sagas", &mut errors, |name, key, value, errors| {
+                        match serde_json::to_value(value) {
+                            Ok(json) => {
+                                config.sagas.insert(name, json);
+                            }
+                            Err(e) => errors.push(ConfigError::new(key, e.to_string())),
                         }
                     });
                 }
@@ -302,6 +313,11 @@ fn parse_components(value: Value, components: &mut Components, errors: &mut Vec<
                         components.coord.insert(name, component);
                     }
                 }
+                "sagas" => {
+                    if let Some(component) = parse_saga_log_component(&key, &name, value, errors) {
+                        components.sagas.insert(name, component);
+                    }
+                }
                 "eventstore" => {
                     let Some((ty, rest)) =
                         component_type(&key, value, &EventStoreComponent::TYPES, errors)
@@ -428,6 +444,43 @@ fn parse_coord_component(
             }
         }
         CoordComponent::Embedded(_) => {}
+    }
+    Some(component)
+}
+
+fn parse_saga_log_component(
+    key: &str,
+    name: &str,
+    value: Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<super::SagaLogComponent> {
+    use super::{EmbeddedSagaLog, PostgresSagaLog, SagaLogComponent};
+    if name != super::DEFAULT_COMPONENT {
+        errors.push(ConfigError::new(
+            key,
+            "sagas and transactions use one log: name it `default` ([components.sagas.default])",
+        ));
+        return None;
+    }
+    let (ty, rest) = component_type(key, value, &SagaLogComponent::TYPES, errors)?;
+    let component = match ty.as_str() {
+        "embedded" => section::<EmbeddedSagaLog>(rest, key, errors).map(SagaLogComponent::Embedded),
+        _ => section::<PostgresSagaLog>(rest, key, errors).map(SagaLogComponent::Postgres),
+    }?;
+    if let SagaLogComponent::Postgres(pg) = &component {
+        check_identifier(&format!("{key}.schema"), &pg.schema, errors);
+        if pg.max_connections == 0 {
+            errors.push(ConfigError::new(
+                format!("{key}.max_connections"),
+                "must be at least 1",
+            ));
+        }
+        if pg.owner.as_deref().is_some_and(str::is_empty) {
+            errors.push(ConfigError::new(
+                format!("{key}.owner"),
+                "must not be empty",
+            ));
+        }
     }
     Some(component)
 }

@@ -43,6 +43,7 @@ mod load;
 mod projection;
 mod pubsub;
 pub mod resiliency;
+mod sagas;
 mod served;
 mod shards;
 mod state;
@@ -71,6 +72,7 @@ pub use pubsub::{
     SubscriptionConfig, SubscriptionDefaults, is_topic_name,
 };
 pub use resiliency::ResiliencyConfig;
+pub use sagas::{EmbeddedSagaLog, PostgresSagaLog, SagaLogComponent};
 pub use served::{CoordComponent, EmbeddedCoord, EtcdCoord, PostgresCoord, ServedApp};
 pub use shards::{ShardMapConfig, ShardMember, ShardMembers, ShardPublish, ShardStrategy};
 pub use state::{EmbeddedState, PostgresState, RedisState, StateComponent};
@@ -104,6 +106,8 @@ pub struct Config {
     pub projections: BTreeMap<String, ProjectionConfig>,
     /// `[shards.<name>]`: shard maps, and the apps whose invocations they route.
     pub shards: BTreeMap<String, ShardMapConfig>,
+    /// `[sagas.<name>]`: saga definitions, as JSON (checked by `trellis-saga`).
+    pub sagas: BTreeMap<String, serde_json::Value>,
 }
 
 /// `[server]`: the HTTP listener and process-wide settings.
@@ -191,6 +195,8 @@ pub struct Components {
     pub eventstore: BTreeMap<String, EventStoreComponent>,
     /// `[components.coord.default]`: the coordination backend (only `default`).
     pub coord: BTreeMap<String, CoordComponent>,
+    /// `[components.sagas.default]`: the saga and 2PC log (only `default`).
+    pub sagas: BTreeMap<String, SagaLogComponent>,
 }
 
 impl Default for Components {
@@ -211,6 +217,10 @@ impl Default for Components {
             coord: BTreeMap::from([(
                 DEFAULT_COMPONENT.to_owned(),
                 CoordComponent::Embedded(EmbeddedCoord::default()),
+            )]),
+            sagas: BTreeMap::from([(
+                DEFAULT_COMPONENT.to_owned(),
+                SagaLogComponent::Embedded(EmbeddedSagaLog::default()),
             )]),
         }
     }

@@ -13,10 +13,18 @@
 //! - [`postgres::PostgresLog`] — one table in a schema of its own, shared by every
 //!   sidecar connected to it.
 
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
+pub mod embedded;
+pub mod postgres;
+
 use std::fmt;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+pub use self::embedded::EmbeddedLog;
+pub use self::postgres::{PostgresLog, PostgresLogConfig};
 
 /// What a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -243,4 +251,12 @@ pub fn now_ms() -> u64 {
 /// A new time-ordered id (UUIDv7 text).
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+/// Why `record` can't be created: a new record is at version 1.
+fn not_version_one(record: &Record) -> LogError {
+    LogError::Backend(format!(
+        "{} {} is created at version {}: a new record must be at version 1",
+        record.kind, record.id, record.version
+    ))
 }

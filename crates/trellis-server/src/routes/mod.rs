@@ -10,6 +10,7 @@ pub(crate) mod proxy;
 pub(crate) mod pubsub;
 pub(crate) mod registry;
 pub(crate) mod resilience;
+pub(crate) mod sagas;
 pub(crate) mod shards;
 pub(crate) mod state;
 pub(crate) mod streams;
@@ -40,6 +41,8 @@ pub(crate) struct AppState {
         Arc<BTreeMap<String, Arc<trellis_eventstore::persistent::PersistentSubscriptions>>>,
     /// Locks and elections (embedded, in the data directory).
     pub(crate) coord: Option<Arc<dyn trellis_coord::Coordinator>>,
+    /// The saga orchestrator (and its log).
+    pub(crate) sagas: Option<Arc<trellis_saga::Orchestrator>>,
     /// Projections run for apps.
     pub(crate) projections: Arc<crate::projections::Projections>,
     /// The open pub/sub components.
