@@ -440,13 +440,21 @@ struct Answer {
 #[derive(Debug, Deserialize)]
 struct Traced {
     traceparent: Option<String>,
+    correlationid: Option<serde_json::Value>,
 }
 
 #[async_trait]
 impl Handler for AppHandler {
     async fn handle(&self, delivery: &Delivery) -> Verdict {
-        let trace = serde_json::from_slice::<Traced>(&delivery.event)
-            .ok()
+        let traced = serde_json::from_slice::<Traced>(&delivery.event).ok();
+        let correlation = traced
+            .as_ref()
+            .and_then(|t| t.correlationid.as_ref())
+            .map(|c| match c {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        let trace = traced
             .and_then(|t| t.traceparent)
             .and_then(|t| TraceContext::parse(&t))
             .map_or_else(TraceContext::new_root, |parent| parent.child());
@@ -467,6 +475,12 @@ impl Handler for AppHandler {
         forward::outgoing_headers(request.headers_mut(), &request_id, &trace);
         if let Ok(v) = http::HeaderValue::from_str(&delivery.attempt.to_string()) {
             request.headers_mut().insert("trellis-delivery-attempt", v);
+        }
+        // Choreography: the subscriber echoes it on what it publishes next.
+        if let Some(v) = correlation.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
+            request
+                .headers_mut()
+                .insert(crate::routes::pubsub::CORRELATION_HEADER, v);
         }
         drop(_enter);
         let response = match self.target.deliver(request).await {

@@ -140,6 +140,34 @@ fn add_trace(event: &mut CloudEvent, ctx: Option<&RequestContext>) {
     }
 }
 
+/// The header carrying a choreography's correlation id; it becomes the event's
+/// `correlationid` extension (unless the event has one), and push deliveries carry
+/// it back to subscribers.
+pub(crate) const CORRELATION_HEADER: &str = "trellis-correlation-id";
+
+/// Sets the `correlationid` extension from `Trellis-Correlation-Id`, if given.
+fn add_correlation(event: &mut CloudEvent, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(CORRELATION_HEADER) else {
+        return Ok(());
+    };
+    let id = value
+        .to_str()
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_header",
+                "Trellis-Correlation-Id must be non-empty visible ASCII",
+            )
+        })?;
+    if !event.extensions.contains_key("correlationid") {
+        event
+            .set_extension("correlationid", Value::from(id))
+            .map_err(|e| ApiError::bad_request("invalid_header", e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn content_type(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     headers
         .get(header::CONTENT_TYPE)
@@ -239,6 +267,7 @@ pub(crate) async fn publish(
     let Body(body) = <Body as axum::extract::FromRequest<()>>::from_request(req, &()).await?;
     let mut event = event_of(&headers, body, &defaults(&topic))?;
     add_trace(&mut event, ctx.as_ref());
+    add_correlation(&mut event, &headers)?;
     let published = ps.publish(&topic, vec![event]).await?;
     let receipt = published
         .receipts
