@@ -198,6 +198,14 @@ fn config_check(file: &std::path::Path) -> ExitCode {
         );
         return ExitCode::from(INVALID_CONFIG);
     }
+    if let Err(errors) = trellis_server::sagas::check_definitions(&config) {
+        eprintln!(
+            "{}: {}",
+            file.display(),
+            trellis_core::ConfigErrors::new(errors)
+        );
+        return ExitCode::from(INVALID_CONFIG);
+    }
     let components: Vec<String> = config
         .components
         .state

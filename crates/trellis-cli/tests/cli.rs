@@ -197,3 +197,26 @@ async fn state_verbs_against_a_running_sidecar() {
     .await
     .expect("cli checks");
 }
+
+#[test]
+fn config_check_reports_saga_definition_errors_with_key_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.toml");
+    std::fs::write(
+        &path,
+        "[sagas.t]\n[[sagas.t.steps]]\nname = \"a\"\ntimeout = \"0s\"\n\
+         action = { type = \"invoke\", app = \"x\", path = \"nope/{{steps.b.output}}\" }\n\
+         [sagas.u]\nsteps = [{ name = \"a\", action = { type = \"teleport\" } }]\n",
+    )
+    .expect("write");
+    let (code, _, err) = run(&["config", "check", path.to_str().expect("utf8")], &[]);
+    assert_eq!(code, 2, "{err}");
+    for expected in [
+        "sagas.t.steps[0].action: {{steps.b.output}} refers to step \"b\"",
+        "sagas.t.steps[0].action.path: must start with /",
+        "sagas.t.steps[0].timeout",
+        "sagas.u.steps[0].action",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}

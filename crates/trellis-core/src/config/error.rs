@@ -26,7 +26,7 @@ pub struct ConfigErrors(Vec<ConfigError>);
 
 impl ConfigErrors {
     /// Wraps a non-empty list, sorted by key so output is stable.
-    pub(crate) fn new(mut errors: Vec<ConfigError>) -> Self {
+    pub fn new(mut errors: Vec<ConfigError>) -> Self {
         debug_assert!(!errors.is_empty());
         errors.sort_by(|a, b| a.key.cmp(&b.key));
         errors.dedup();
