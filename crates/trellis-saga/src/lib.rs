@@ -9,6 +9,9 @@
 //! - [`actions`]: the I/O side — invoking app routes and publishing events.
 //! - [`log`]: the durable log every transition is written to before the action it
 //!   leads to (embedded redb or PostgreSQL).
+//! - [`twopc`]: two-phase commit — a coordinator that logs its decision before
+//!   phase two and finishes interrupted transactions on start (presumed abort), with
+//!   app (HTTP), state-store and PostgreSQL (`PREPARE TRANSACTION`) participants.
 
 pub mod actions;
 pub mod definition;
@@ -16,6 +19,7 @@ pub mod log;
 pub mod machine;
 pub mod orchestrator;
 pub mod template;
+pub mod twopc;
 
 pub use definition::{Action, RetryPolicy, SagaDefinition, Step};
 pub use machine::{Saga, SagaStatus};

@@ -15,6 +15,8 @@
 //! - `routes`: one module per API area (`ops` for health/metrics/openapi, `state`,
 //!   `invoke`, `resilience`, `pubsub`).
 //! - `subscriptions`: push delivery of subscriptions to apps.
+//! - `outbox`: the transactional outbox (messages a state transaction stores with
+//!   its writes) and its relay to pub/sub.
 //! - `registry`: the service registry's wiring (HTTP checks, `[app]`
 //!   self-registration, discovery for `[apps.*]` with `discovery = "registry"`).
 //! - `shards`: shard maps at runtime (owners, rebalance plans, events).
@@ -40,6 +42,7 @@ mod context;
 mod error;
 mod extract;
 mod openapi;
+mod outbox;
 mod projections;
 mod registry;
 mod routes;

@@ -4,7 +4,7 @@ use utoipa::OpenApi;
 
 use crate::routes::{
     coord, invoke, ops, persistent, projections, pubsub, registry, resilience, sagas, shards,
-    state, streams,
+    state, streams, transactions,
 };
 
 #[derive(OpenApi)]
@@ -93,11 +93,14 @@ use crate::routes::{
         sagas::list,
         sagas::retry,
         sagas::abort,
+        transactions::begin,
+        transactions::get_transaction,
+        transactions::list,
     ),
     components(schemas(crate::error::Problem)),
     tags(
         (name = "ops", description = "Health, readiness, metrics and this document"),
-        (name = "state", description = "Key-value state with etags, TTLs and transactions"),
+        (name = "state", description = "Key-value state with etags, TTLs, transactions and a transactional outbox"),
         (name = "invoke", description = "Calls to other apps through their instances and resilience policies"),
         (name = "streams", description = "Event store: streams with expected versions, $all, categories, catch-up subscriptions, metadata, snapshots"),
         (name = "pubsub", description = "CloudEvents on topics: publish, pull or push delivery to consumer groups, dead letters"),
@@ -105,6 +108,7 @@ use crate::routes::{
         (name = "registry", description = "Service registry: instances, TTL/phi/HTTP health checks, blocking queries, change events"),
         (name = "shards", description = "Shard maps: key owners, assignments, rebalance plans and events"),
         (name = "sagas", description = "Saga definitions, orchestrated sagas with compensation, operator retry/abort"),
+        (name = "transactions", description = "Two-phase commit across apps, state stores and PostgreSQL, with recovery (presumed abort)"),
         (name = "resilience", description = "Breakers, bulkheads, limiters, retry budgets, fault injection and upstream health"),
     )
 )]

@@ -9,6 +9,7 @@ use trellis_saga::SagaDefinition;
 use trellis_saga::actions::SidecarActions;
 use trellis_saga::log::SagaLog;
 use trellis_saga::orchestrator::{Options, Orchestrator};
+use trellis_saga::twopc::{SidecarParticipants, TxCoordinator, TxOptions};
 
 use crate::routes::AppState;
 
@@ -86,12 +87,16 @@ fn owner(config: &Config) -> String {
     format!("{host}-{port}")
 }
 
-/// Opens the log, registers the config's definitions and resumes in-flight sagas.
+/// The orchestrator and the 2PC coordinator, on one log.
+type Started = (Option<Arc<Orchestrator>>, Option<Arc<TxCoordinator>>);
+
+/// Opens the log, registers the config's definitions, resumes in-flight sagas, and
+/// opens the 2PC coordinator on the same log, recovering in-flight transactions.
 pub(crate) async fn start(
     config: &Config,
     data_dir: &std::path::Path,
     state: &AppState,
-) -> Result<Option<Arc<Orchestrator>>, String> {
+) -> Result<Started, String> {
     let definitions = check_definitions(config).map_err(|errors| {
         errors
             .iter()
@@ -100,7 +105,7 @@ pub(crate) async fn start(
             .join("; ")
     })?;
     let (log, owner): (Arc<dyn SagaLog>, String) = match config.components.sagas.get("default") {
-        None => return Ok(None),
+        None => return Ok((None, None)),
         Some(SagaLogComponent::Embedded(_)) => (
             Arc::new(
                 trellis_saga::log::embedded::EmbeddedLog::open(data_dir.join("sagas.redb"))
@@ -131,6 +136,8 @@ pub(crate) async fn start(
         Arc::clone(&state.invoker),
         Arc::clone(&state.pubsubs),
     ));
+    let tx_log = Arc::clone(&log);
+    let tx_owner = owner.clone();
     let orchestrator = Orchestrator::open(
         log,
         actions,
@@ -156,5 +163,47 @@ pub(crate) async fn start(
             return Err(format!("components.sagas.default: {e}"));
         }
     }
-    Ok(Some(Arc::new(orchestrator)))
+    match open_transactions(tx_log, tx_owner, config, state).await {
+        Ok(transactions) => Ok((Some(Arc::new(orchestrator)), Some(transactions))),
+        Err(e) => {
+            // Closes the shared log too.
+            orchestrator.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// Opens the 2PC coordinator on `log` and recovers the transactions `owner` left
+/// unfinished (before the sidecar serves: `state` participants re-take their locks).
+async fn open_transactions(
+    log: Arc<dyn SagaLog>,
+    owner: String,
+    config: &Config,
+    state: &AppState,
+) -> Result<Arc<TxCoordinator>, String> {
+    let participants = Arc::new(SidecarParticipants::new(
+        Arc::clone(&state.invoker),
+        Arc::clone(&state.stores),
+        state.key_locks.clone(),
+        &config.components.state,
+    ));
+    let coordinator = TxCoordinator::open(
+        log,
+        participants,
+        TxOptions {
+            owner,
+            ..TxOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("components.sagas.default: {e}"))?;
+    match coordinator.recover().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(transactions = n, "recovering in-flight transactions"),
+        Err(e) => {
+            coordinator.close().await;
+            return Err(format!("components.sagas.default: {e}"));
+        }
+    }
+    Ok(Arc::new(coordinator))
 }

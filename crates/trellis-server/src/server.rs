@@ -259,6 +259,10 @@ impl Server {
             )
             .await,
         );
+        // The outbox relays publish what transactions stored, including what a
+        // crash left behind: they start with the stores and pub/subs they join.
+        server.state.outbox =
+            Arc::new(crate::outbox::Outbox::start(&server.state.stores, &pubsubs));
         server.state.pubsubs = pubsubs;
         server.state.eventstores = Arc::new(eventstores);
         server.state.persistent = Arc::new(persistent);
@@ -291,7 +295,10 @@ impl Server {
             }
         }
         match crate::sagas::start(&config, &data_dir, &server.state).await {
-            Ok(sagas) => server.state.sagas = sagas,
+            Ok((sagas, transactions)) => {
+                server.state.sagas = sagas;
+                server.state.transactions = transactions;
+            }
             Err(e) => {
                 server.close().await;
                 return Err(BuildError::Sagas(e));
@@ -379,10 +386,13 @@ impl Server {
                 projections: Arc::default(),
                 coord: None,
                 sagas: None,
+                transactions: None,
+                key_locks: trellis_saga::twopc::KeyLocks::default(),
                 service_registry: crate::registry::start(),
                 registry_sharing: Arc::default(),
                 self_registration: Arc::default(),
                 subscriptions: Arc::new(Subscriptions::empty(Arc::clone(&whole))),
+                outbox: Arc::default(),
                 config: whole,
                 shards: Arc::default(),
             },
@@ -455,6 +465,7 @@ impl Server {
             .merge(routes::registry::router())
             .merge(routes::shards::router())
             .merge(routes::sagas::router())
+            .merge(routes::transactions::router())
             .fallback(routes::route_not_found)
             .method_not_allowed_fallback(routes::method_not_allowed)
             .with_state(self.state.clone())
@@ -613,10 +624,18 @@ impl Server {
         }
         // Projections stop after their batch in progress (committed or not at all).
         self.state.projections.stop_all().await;
+        // Transactions stop between transitions (recovered on the next start), before
+        // the orchestrator closes the log they share.
+        if let Some(transactions) = &self.state.transactions {
+            transactions.close().await;
+        }
         // Sagas stop between transitions; they resume from the log on the next start.
         if let Some(sagas) = &self.state.sagas {
             sagas.close().await;
         }
+        // Outbox relays stop after the message in hand; the rest stays stored and is
+        // relayed after the restart.
+        self.state.outbox.stop_all().await;
         if let Some(coord) = &self.state.coord
             && let Err(e) = coord.close().await
         {

@@ -14,6 +14,7 @@ pub(crate) mod sagas;
 pub(crate) mod shards;
 pub(crate) mod state;
 pub(crate) mod streams;
+pub(crate) mod transactions;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,12 +44,19 @@ pub(crate) struct AppState {
     pub(crate) coord: Option<Arc<dyn trellis_coord::Coordinator>>,
     /// The saga orchestrator (and its log).
     pub(crate) sagas: Option<Arc<trellis_saga::Orchestrator>>,
+    /// The 2PC coordinator, on the saga log.
+    pub(crate) transactions: Option<Arc<trellis_saga::twopc::TxCoordinator>>,
+    /// Keys of state stores locked by 2PC `state` participants between prepare and
+    /// commit: plain state writes must refuse them (`holder` / `begin_write`).
+    pub(crate) key_locks: trellis_saga::twopc::KeyLocks,
     /// Projections run for apps.
     pub(crate) projections: Arc<crate::projections::Projections>,
     /// The open pub/sub components.
     pub(crate) pubsubs: Arc<BTreeMap<String, Arc<dyn trellis_pubsub::PubSub>>>,
     /// Push subscriptions.
     pub(crate) subscriptions: Arc<crate::subscriptions::Subscriptions>,
+    /// The transactional outbox's relays, one per state store.
+    pub(crate) outbox: Arc<crate::outbox::Outbox>,
     /// The config the server was built from.
     pub(crate) config: Arc<trellis_core::Config>,
     /// Shard maps (`[shards.<name>]`).

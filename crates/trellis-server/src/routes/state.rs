@@ -13,12 +13,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
-use trellis_state::{ETag, Item, Key, MAX_TTL, Operation, Precondition, Value, WriteOptions};
+use trellis_state::{
+    ETag, Item, Key, MAX_TTL, Operation, Page, Precondition, StateError, StateStore, Value,
+    WriteOptions,
+};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use crate::ApiError;
+use crate::context::RequestContext;
 use crate::extract::{Body, Json, Query};
+use crate::outbox::{self, Message};
 
 /// Most keys in one bulk get.
 pub(crate) const MAX_BULK_KEYS: usize = 1000;
@@ -58,7 +63,7 @@ pub(crate) fn router() -> Router<AppState> {
 
 /// `{store}` and `{*key}` of a key route. Keys may contain `/`; a key that is not
 /// valid (bad UTF-8 after percent-decoding, control characters, over 1024 bytes)
-/// is `invalid_key`.
+/// is `invalid_key`, one in the reserved `__trellis/` space `reserved_key`.
 #[derive(Debug)]
 pub(crate) struct KeyPath {
     store: String,
@@ -87,6 +92,9 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyPath {
                 .to_owned(),
         };
         let key = Key::new(key).map_err(|e| ApiError::bad_request("invalid_key", e.to_string()))?;
+        if outbox::is_reserved(key.as_str()) {
+            return Err(reserved_key(key.as_str(), "the key"));
+        }
         Ok(Self { store, key })
     }
 }
@@ -360,6 +368,7 @@ pub(crate) async fn put_key(
         ttl: parse_ttl(query.ttl.as_deref())?,
     };
     let value = Value::new(body, content_type(&headers)?);
+    let _writing = begin_write(&app, &path.store, &[path.key.as_str().to_owned()])?;
     let etag = match super::fencing::fence_of(&headers)? {
         None => store.set(&path.key, value, options).await?,
         Some(fence) => {
@@ -400,6 +409,7 @@ pub(crate) async fn delete_key(
 ) -> Result<StatusCode, ApiError> {
     let store = app.store(&path.store)?;
     let precondition = precondition(&headers)?;
+    let _writing = begin_write(&app, &path.store, &[path.key.as_str().to_owned()])?;
     match super::fencing::fence_of(&headers)? {
         None => {
             store.delete(&path.key, precondition).await?;
@@ -449,8 +459,25 @@ pub(crate) struct BulkResponse {
     items: Vec<BulkItem>,
 }
 
+/// A key a user may read and write: valid, and outside the reserved `__trellis/`
+/// space.
 fn validate_key(key: String, at: impl std::fmt::Display) -> Result<Key, ApiError> {
-    Key::new(key).map_err(|e| ApiError::bad_request("invalid_key", format!("{at}: {e}")))
+    let key =
+        Key::new(key).map_err(|e| ApiError::bad_request("invalid_key", format!("{at}: {e}")))?;
+    if outbox::is_reserved(key.as_str()) {
+        return Err(reserved_key(key.as_str(), at));
+    }
+    Ok(key)
+}
+
+fn reserved_key(key: &str, at: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(
+        "reserved_key",
+        format!(
+            "{at}: keys starting with {:?} are reserved for Trellis, got {key:?}",
+            outbox::RESERVED_PREFIX
+        ),
+    )
 }
 
 /// Read several keys at once.
@@ -514,6 +541,46 @@ pub(crate) async fn bulk_get(
 pub(crate) struct TransactionRequest {
     /// Up to 1000 operations, applied all or nothing, in order.
     operations: Vec<OperationRequest>,
+    /// Up to 100 messages to publish if and only if the operations commit (the
+    /// transactional outbox). They are stored in the same atomic write as the
+    /// operations, under reserved keys `__trellis/outbox/<id>`, and relayed to
+    /// pub/sub afterwards, at least once, with the id (returned in `published`) as
+    /// the CloudEvent `id`, so the pub/sub dedupe window removes relay duplicates.
+    #[serde(default)]
+    publish: Vec<PublishRequest>,
+}
+
+/// A message a transaction publishes (transactional outbox). The event gets the
+/// outbox id as `id`, the commit time as `time`, and the request's `X-Request-Id`
+/// as `correlationid` unless `correlation_id` is given.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PublishRequest {
+    /// The pub/sub component.
+    pubsub: String,
+    /// The topic: 1-249 of `A-Z a-z 0-9 . _ -`.
+    topic: String,
+    /// The event data: any JSON document (`null` included).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>)]
+    data: Option<Box<RawValue>>,
+    /// Binary event data, base64 (instead of `data`).
+    data_base64: Option<String>,
+    /// The CloudEvent `type` (default `trellis.<topic>`).
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    /// The CloudEvent `source` (default `/trellis/outbox/<store>`).
+    source: Option<String>,
+    /// The CloudEvent `subject`.
+    subject: Option<String>,
+    /// The CloudEvent `datacontenttype`.
+    datacontenttype: Option<String>,
+    /// The CloudEvent `dataschema`.
+    dataschema: Option<String>,
+    /// The ordering key (the `partitionkey` extension), as on a publish.
+    ordering_key: Option<String>,
+    /// The `correlationid` extension (default: the request's `X-Request-Id`).
+    correlation_id: Option<String>,
 }
 
 /// One operation of a transaction.
@@ -567,6 +634,8 @@ impl TryFrom<String> for OpKind {
 pub(crate) struct TransactionResponse {
     /// Per operation, in order: the key and, for upserts, its new etag.
     results: Vec<OperationResult>,
+    /// The ids of the messages of `publish`, in order (each is its CloudEvent `id`).
+    published: Vec<String>,
 }
 
 /// One operation's result.
@@ -620,24 +689,91 @@ fn operation(index: usize, op: OperationRequest) -> Result<Operation, ApiError> 
     }
 }
 
-/// Apply several writes atomically: all or nothing.
+/// An outbox message of a transaction, validated as the publish route would: the
+/// component exists, the topic is valid, the event can be built and is not too
+/// large.
+fn outbox_message(
+    app: &AppState,
+    store: &str,
+    index: usize,
+    request: PublishRequest,
+    ctx: Option<&RequestContext>,
+) -> Result<(Message, Operation), ApiError> {
+    let at = |e: ApiError| e.with_extension("index", index);
+    app.pubsub(&request.pubsub).map_err(at)?;
+    trellis_pubsub::check_topic(&request.topic).map_err(|e| at(e.into()))?;
+    let message = Message {
+        id: outbox::new_id(),
+        ty: request
+            .ty
+            .unwrap_or_else(|| format!("trellis.{}", request.topic)),
+        source: request
+            .source
+            .unwrap_or_else(|| format!("/trellis/outbox/{store}")),
+        pubsub: request.pubsub,
+        topic: request.topic,
+        data: request.data,
+        data_base64: request.data_base64,
+        datacontenttype: request.datacontenttype,
+        dataschema: request.dataschema,
+        subject: request.subject,
+        ordering_key: request.ordering_key,
+        correlation_id: request
+            .correlation_id
+            .or_else(|| ctx.map(|c| c.request_id.as_str().to_owned())),
+        traceparent: ctx.map(|c| c.trace.to_string()),
+        created: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+    };
+    message.event().map_err(|e| {
+        at(ApiError::bad_request(
+            "invalid_event",
+            format!("publish[{index}]: {e}"),
+        ))
+    })?;
+    let bytes = message.encode().map_err(ApiError::internal)?;
+    if bytes.len() > outbox::MAX_MESSAGE_BYTES {
+        return Err(at(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "publish[{index}] is {} bytes stored; the limit is {}",
+                bytes.len(),
+                outbox::MAX_MESSAGE_BYTES
+            ),
+        )));
+    }
+    let key = message.key().map_err(ApiError::internal)?;
+    let upsert = Operation::Upsert {
+        key,
+        value: Value::new(bytes, "application/json"),
+        options: WriteOptions::default(),
+    };
+    Ok((message, upsert))
+}
+
+/// Apply several writes atomically: all or nothing. With `publish`, also store
+/// messages in the same atomic write (transactional outbox): they are published
+/// at least once if and only if the writes commit.
 #[utoipa::path(
     post, path = "/v1/state/{store}/transaction", tag = "state",
     params(("store" = String, Path, description = "State store name")),
     request_body = TransactionRequest,
     responses(
-        (status = 200, description = "Committed", body = TransactionResponse),
-        (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_key`, `invalid_etag`, `invalid_ttl`, `too_many_operations`", body = crate::error::Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`transaction_conflict`: the problem names `index` and `key`; nothing was applied", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Committed; messages in `published` will be relayed", body = TransactionResponse),
+        (status = 400, description = "`malformed_json`, `invalid_body`, `invalid_key`, `reserved_key`, `invalid_etag`, `invalid_ttl`, `too_many_operations`, `too_many_messages`, `invalid_topic`, `invalid_event` (with `index` of the message); nothing was applied", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`store_not_found`, `pubsub_not_found` (with `index`); nothing was applied", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`transaction_conflict`: the problem names `index` and `key`; nothing was applied. `key_locked`: a prepared 2PC transaction holds a key (Retry-After)", body = crate::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`: the body, or a message (with `index`) over 256 KiB stored", body = crate::error::Problem, content_type = "application/problem+json"),
     )
 )]
 pub(crate) async fn transaction(
     State(app): State<AppState>,
-    crate::extract::Path(store): crate::extract::Path<String>,
+    crate::extract::Path(store_name): crate::extract::Path<String>,
+    ctx: Option<axum::Extension<RequestContext>>,
     headers: HeaderMap,
     Json(request): Json<TransactionRequest>,
 ) -> Result<axum::Json<TransactionResponse>, ApiError> {
-    let store = app.store(&store)?;
+    let store = app.store(&store_name)?;
     if request.operations.len() > MAX_OPERATIONS {
         return Err(ApiError::bad_request(
             "too_many_operations",
@@ -647,7 +783,17 @@ pub(crate) async fn transaction(
             ),
         ));
     }
-    let operations = request
+    if request.publish.len() > outbox::MAX_MESSAGES {
+        return Err(ApiError::bad_request(
+            "too_many_messages",
+            format!(
+                "{} messages to publish; the limit is {}",
+                request.publish.len(),
+                outbox::MAX_MESSAGES
+            ),
+        ));
+    }
+    let mut operations = request
         .operations
         .into_iter()
         .enumerate()
@@ -657,10 +803,23 @@ pub(crate) async fn transaction(
         .iter()
         .map(|op| op.key().as_str().to_owned())
         .collect();
+    let ctx = ctx.map(|axum::Extension(ctx)| ctx);
+    let mut published = Vec::with_capacity(request.publish.len());
+    for (i, message) in request.publish.into_iter().enumerate() {
+        let (message, upsert) = outbox_message(&app, &store_name, i, message, ctx.as_ref())?;
+        published.push(message.id);
+        operations.push(upsert);
+    }
+    let _writing = begin_write(&app, &store_name, &keys)?;
+    // The messages' upserts come after the caller's operations, so a conflict's
+    // `index` is still the caller's.
     let etags = match super::fencing::fence_of(&headers)? {
         None => store.transact(operations).await?,
         Some(fence) => super::fencing::transact(&app, store, &fence, operations).await?,
     };
+    if !published.is_empty() {
+        app.outbox.notify(&store_name);
+    }
     let results = keys
         .into_iter()
         .zip(etags)
@@ -669,7 +828,7 @@ pub(crate) async fn transaction(
             etag: etag.map(|e| e.to_string()),
         })
         .collect();
-    Ok(axum::Json(TransactionResponse { results }))
+    Ok(axum::Json(TransactionResponse { results, published }))
 }
 
 /// A page of keys.
@@ -714,7 +873,7 @@ pub(crate) async fn list_keys(
         Some(cursor) => Some(decode_cursor(cursor)?),
     };
     let prefix = query.prefix.unwrap_or_default();
-    let page = store.list(&prefix, after.as_ref(), limit).await?;
+    let page = list_visible(store.as_ref(), &prefix, after, limit).await?;
     Ok(axum::Json(KeyPage {
         keys: page.keys.iter().map(|k| k.as_str().to_owned()).collect(),
         next_cursor: page
@@ -722,6 +881,49 @@ pub(crate) async fn list_keys(
             .as_ref()
             .map(|k| URL_SAFE_NO_PAD.encode(k.as_str())),
     }))
+}
+
+/// Most store round trips of one listing spent skipping reserved keys; the page
+/// may then hold fewer than `limit` keys, with a `next_cursor`.
+const MAX_LIST_ROUNDS: usize = 8;
+
+/// A page of the keys users may see: the store's listing without the reserved
+/// `__trellis/` keys, whose range is skipped in one step.
+async fn list_visible(
+    store: &dyn StateStore,
+    prefix: &str,
+    mut after: Option<Key>,
+    limit: usize,
+) -> Result<Page, StateError> {
+    if outbox::is_reserved(prefix) {
+        return Ok(Page::default());
+    }
+    let mut keys = Vec::new();
+    for _ in 0..MAX_LIST_ROUNDS {
+        let page = store
+            .list(prefix, after.as_ref(), limit - keys.len())
+            .await?;
+        keys.extend(
+            page.keys
+                .into_iter()
+                .filter(|k| !outbox::is_reserved(k.as_str())),
+        );
+        let Some(next) = page.next else {
+            return Ok(Page { keys, next: None });
+        };
+        // Reserved keys sort together: past the last one seen, skip the rest.
+        after = if outbox::is_reserved(next.as_str()) {
+            outbox::past_reserved()
+                .filter(|past| *past > next)
+                .or(Some(next))
+        } else {
+            Some(next)
+        };
+        if keys.len() >= limit {
+            break;
+        }
+    }
+    Ok(Page { keys, next: after })
 }
 
 fn decode_cursor(cursor: &str) -> Result<Key, ApiError> {
@@ -733,6 +935,22 @@ fn decode_cursor(cursor: &str) -> Result<Key, ApiError> {
         .ok_or_else(|| {
             ApiError::bad_request("invalid_cursor", "cursor is not one this API returned")
         })
+}
+
+/// Marks a plain write of `keys` as in progress, so that a two-phase-commit prepare
+/// can't lock them meanwhile; refused while a prepared transaction holds one of them
+/// (its outcome decides the key's next value).
+fn begin_write(
+    app: &AppState,
+    store: &str,
+    keys: &[String],
+) -> Result<trellis_saga::twopc::locks::WriteGuard, ApiError> {
+    app.key_locks.begin_write(store, keys).map_err(|e| {
+        ApiError::new(StatusCode::CONFLICT, "key_locked", e.to_string())
+            .with_extension("key", e.key)
+            .with_extension("transaction", e.holder.unwrap_or_default())
+            .with_retry_after(1)
+    })
 }
 
 #[cfg(test)]
@@ -832,6 +1050,72 @@ mod test {
         // Text that claims to be JSON but isn't comes back as base64, never as broken JSON.
         let broken = Value::new(&b"{not json"[..], "application/json");
         assert!(value_to_json(&broken).get().contains("value_base64"));
+    }
+
+    #[tokio::test]
+    async fn listings_hide_reserved_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            trellis_state::EmbeddedStore::open(dir.path().join("s.redb"), Default::default())
+                .expect("open");
+        let mut keys = vec![
+            "_a".to_owned(),
+            "__trellis".into(),
+            "__trellis/x".into(),
+            "__trellis0".into(),
+            "a".into(),
+            "b".into(),
+        ];
+        keys.extend((0..30).map(|i| format!("__trellis/outbox/{i:02}")));
+        for key in &keys {
+            store
+                .set(
+                    &Key::new(key.as_str()).expect("key"),
+                    Value::json("1"),
+                    WriteOptions::default(),
+                )
+                .await
+                .expect("set");
+        }
+        for limit in 1..=4 {
+            let mut seen = Vec::new();
+            let mut after = None;
+            for _ in 0..20 {
+                let page = list_visible(&store, "", after, limit).await.expect("list");
+                assert!(page.keys.len() <= limit);
+                seen.extend(page.keys.iter().map(|k| k.as_str().to_owned()));
+                after = page.next;
+                if after.is_none() {
+                    break;
+                }
+            }
+            assert_eq!(
+                seen,
+                ["__trellis", "__trellis0", "_a", "a", "b"],
+                "limit {limit}"
+            );
+        }
+        let page = list_visible(&store, "__trellis", None, 10)
+            .await
+            .expect("list");
+        let seen: Vec<&str> = page.keys.iter().map(Key::as_str).collect();
+        assert_eq!((seen, page.next), (vec!["__trellis", "__trellis0"], None));
+        let page = list_visible(&store, "__trellis/", None, 10)
+            .await
+            .expect("list");
+        assert_eq!(page, Page::default());
+        // The reserved range is skipped in one step, not paged through.
+        let page = list_visible(&store, "__", None, 2).await.expect("list");
+        let seen: Vec<&str> = page.keys.iter().map(Key::as_str).collect();
+        assert_eq!(seen, ["__trellis", "__trellis0"]);
+    }
+
+    #[test]
+    fn reserved_keys_are_refused() {
+        let err = validate_key("__trellis/outbox/1".into(), "operations[0]").expect_err("reserved");
+        assert_eq!(err.code(), "reserved_key");
+        assert!(validate_key("__trellis".into(), "k").is_ok());
+        assert!(validate_key("trellis/fence/x".into(), "k").is_ok());
     }
 
     #[test]
