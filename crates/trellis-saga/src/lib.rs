@@ -18,6 +18,7 @@ pub mod definition;
 pub mod log;
 pub mod machine;
 pub mod orchestrator;
+mod sync;
 pub mod template;
 pub mod twopc;
 

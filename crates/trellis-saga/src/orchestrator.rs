@@ -53,6 +53,8 @@
 //! # }
 //! ```
 
+use crate::sync::lock;
+use crate::sync::until_closed;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -188,10 +190,6 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub struct Orchestrator {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Orchestrator {
@@ -801,37 +799,13 @@ impl Orchestrator {
         let Ok(record) = self.record(saga, *version + 1) else {
             return false;
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.inner.log.update(&record).await {
-                Ok(()) => {
-                    *version += 1;
-                    self.after_transition();
-                    return true;
-                }
-                Err(LogError::Conflict { found, .. }) => {
-                    // Our own write may have committed with its answer lost.
-                    if found == Some(record.version)
-                        && let Ok(Some(stored)) =
-                            self.inner.log.get(RecordKind::Saga, &saga.id).await
-                        && stored.body == record.body
-                    {
-                        *version += 1;
-                        return true;
-                    }
-                    tracing::warn!(?found, "saga changed by another writer; this task stops");
-                    return false;
-                }
-                Err(LogError::Closed) => return false,
-                Err(e) => {
-                    tracing::warn!(error = %e, "persisting the saga failed; retrying");
-                    if *self.inner.closed.borrow() {
-                        return false;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        let closed = &self.inner.closed;
+        if crate::log::write_next(&*self.inner.log, &record, || *closed.borrow()).await {
+            *version += 1;
+            self.after_transition();
+            true
+        } else {
+            false
         }
     }
 
@@ -865,11 +839,6 @@ impl Orchestrator {
                 )))
             })
     }
-}
-
-/// Returns once the orchestrator is closed.
-async fn until_closed(closed: &mut watch::Receiver<bool>) {
-    let _ = closed.wait_for(|c| *c).await;
 }
 
 /// Fills an action's templates.

@@ -51,6 +51,8 @@ pub(crate) struct Ledger {
     pub(crate) fault: Fault,
     /// Fail this many of the next operations with `fault`, then heal (0: forever).
     pub(crate) fault_budget: u32,
+    /// Apply `fault` only to this operation (`debit`, `credit`, `undo`); `None`: all.
+    pub(crate) fault_only: Option<String>,
     /// Fail each operation with this probability in [0, 1] (random faults).
     pub(crate) random_fault: f64,
     /// Answer each operation this much later (so crashes land mid-saga).
@@ -98,6 +100,15 @@ impl Bank {
         let mut l = self.ledger.lock().expect("lock");
         l.fault = fault;
         l.fault_budget = budget;
+        l.fault_only = None;
+    }
+
+    /// Like [`set_fault`](Self::set_fault), for operation `op` only.
+    pub(crate) fn set_fault_on(&self, op: &str, fault: Fault) {
+        let mut l = self.ledger.lock().expect("lock");
+        l.fault = fault;
+        l.fault_budget = 0;
+        l.fault_only = Some(op.to_owned());
     }
 
     pub(crate) fn set_latency(&self, latency: std::time::Duration) {
@@ -155,7 +166,11 @@ async fn operate(
         );
     }
     // Faults.
-    let mut fault = l.fault;
+    let mut fault = if l.fault_only.as_ref().is_none_or(|only| *only == op) {
+        l.fault
+    } else {
+        Fault::None
+    };
     if fault != Fault::None && l.fault_budget > 0 {
         l.fault_budget -= 1;
         if l.fault_budget == 0 {

@@ -260,3 +260,36 @@ fn not_version_one(record: &Record) -> LogError {
         record.kind, record.id, record.version
     ))
 }
+
+/// Writes `record` as the next version (compare-and-set on `record.version - 1`),
+/// retrying with capped backoff while the log is unavailable, until `closed` says to
+/// give up. `true` once written — including when a write committed but its answer
+/// was lost (the stored record is this one) — and `false` if another writer got
+/// there first, the log closed, or `closed()` became true.
+pub async fn write_next(log: &dyn SagaLog, record: &Record, closed: impl Fn() -> bool) -> bool {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        match log.update(record).await {
+            Ok(()) => return true,
+            Err(LogError::Conflict { found, .. }) => {
+                if found == Some(record.version)
+                    && let Ok(Some(stored)) = log.get(record.kind, &record.id).await
+                    && stored.body == record.body
+                {
+                    return true;
+                }
+                tracing::warn!(kind = %record.kind, id = record.id, ?found, "changed by another writer; this driver stops");
+                return false;
+            }
+            Err(LogError::Closed) => return false,
+            Err(e) => {
+                tracing::warn!(kind = %record.kind, id = record.id, error = %e, "writing to the log failed; retrying");
+                if closed() {
+                    return false;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -21,8 +21,10 @@
 //! nothing logged), `tx.after_decision` (decision logged, phase two not started),
 //! `tx.after_phase_two:<participant>` (that participant's acknowledgement logged).
 
+use crate::sync::lock;
+use crate::sync::until_closed;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -190,10 +192,6 @@ impl std::fmt::Debug for Inner {
 #[derive(Debug, Clone)]
 pub struct TxCoordinator {
     inner: Arc<Inner>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -841,41 +839,13 @@ impl TxCoordinator {
         let Ok(record) = self.record(tx, *version + 1) else {
             return false;
         };
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.inner.log.update(&record).await {
-                Ok(()) => {
-                    *version += 1;
-                    self.after_transition();
-                    return true;
-                }
-                Err(LogError::Conflict { found, .. }) => {
-                    // Our own write may have committed with its answer lost.
-                    if found == Some(record.version)
-                        && let Ok(Some(stored)) =
-                            self.inner.log.get(RecordKind::Transaction, &tx.id).await
-                        && stored.body == record.body
-                    {
-                        *version += 1;
-                        self.after_transition();
-                        return true;
-                    }
-                    tracing::warn!(
-                        ?found,
-                        "transaction changed by another writer; this task stops"
-                    );
-                    return false;
-                }
-                Err(LogError::Closed) => return false,
-                Err(e) => {
-                    tracing::warn!(error = %e, "logging the transaction failed; retrying");
-                    if *self.inner.closed.borrow() {
-                        return false;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+        let closed = &self.inner.closed;
+        if crate::log::write_next(&*self.inner.log, &record, || *closed.borrow()).await {
+            *version += 1;
+            self.after_transition();
+            true
+        } else {
+            false
         }
     }
 }
@@ -887,9 +857,4 @@ async fn crash_point(point: &str, closed: &mut watch::Receiver<bool>) -> bool {
         () = trellis_core::crashpoint::reach(point) => true,
         () = until_closed(closed) => false,
     }
-}
-
-/// Returns once the coordinator is closed.
-async fn until_closed(closed: &mut watch::Receiver<bool>) {
-    let _ = closed.wait_for(|c| *c).await;
 }

@@ -27,9 +27,10 @@
 //! PostgreSQL needs `max_prepared_transactions` above 0 (and at least the number of
 //! transactions in doubt at once).
 
+use crate::sync::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -99,10 +100,6 @@ pub(crate) struct PgPools {
     pools: Mutex<HashMap<String, PgPool>>,
     /// Per gid, held while its prepare runs.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl PgPools {

@@ -366,35 +366,61 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(status) = &query.status
-        && SagaStatus::parse(status).is_none()
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!(
-                "unknown status {status:?}; one of running, compensating, completed, compensated, needs_attention"
-            ),
-        ));
-    }
-    let limit = query
-        .limit
-        .unwrap_or(100)
-        .clamp(1, trellis_saga::log::MAX_LIST);
+    let filter = list_filter(
+        query.status,
+        query.before,
+        query.limit,
+        |s| SagaStatus::parse(s).is_some(),
+        "running, compensating, completed, compensated, needs_attention",
+    )?;
+    let limit = filter.limit;
     let sagas = state
         .orchestrator()?
         .list(&Filter {
             name: query.name,
-            status: query.status,
-            before: query.before,
-            limit,
-            ..Filter::default()
+            ..filter
         })
         .await
         .map_err(saga_error)?;
-    let next = (sagas.len() == limit)
-        .then(|| sagas.last().map(|s| s.id.clone()))
-        .flatten();
+    let next = next_page(&sagas, limit, |s| &s.id);
     Ok(axum::Json(json!({ "sagas": sagas, "next": next })).into_response())
+}
+
+/// The filter of a list endpoint: `status` checked by `known` (else 400
+/// `invalid_query` naming `statuses`), the `before` cursor, and `limit` (default
+/// 100, at most [`MAX_LIST`](trellis_saga::log::MAX_LIST)).
+pub(crate) fn list_filter(
+    status: Option<String>,
+    before: Option<String>,
+    limit: Option<usize>,
+    known: impl Fn(&str) -> bool,
+    statuses: &str,
+) -> Result<Filter, ApiError> {
+    if let Some(status) = &status
+        && !known(status)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("unknown status {status:?}; one of {statuses}"),
+        ));
+    }
+    Ok(Filter {
+        status,
+        before,
+        limit: limit.unwrap_or(100).clamp(1, trellis_saga::log::MAX_LIST),
+        ..Filter::default()
+    })
+}
+
+/// The `next` cursor of a full page: its last id.
+pub(crate) fn next_page<T>(
+    items: &[T],
+    limit: usize,
+    id: impl Fn(&T) -> &String,
+) -> Option<String> {
+    (items.len() == limit)
+        .then(|| items.last().map(|t| id(t).clone()))
+        .flatten()
 }
 
 /// Retry a saga parked as `needs_attention`, with a fresh attempt budget.

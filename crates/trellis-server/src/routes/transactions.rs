@@ -15,7 +15,6 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use trellis_core::config::units;
-use trellis_saga::log::Filter;
 use trellis_saga::twopc::{TxCoordinator, TxError, TxRequest, TxStatus};
 
 use super::AppState;
@@ -208,32 +207,19 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(status) = &query.status
-        && TxStatus::parse(status).is_none()
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!(
-                "unknown status {status:?}; one of preparing, committing, aborting, committed, aborted"
-            ),
-        ));
-    }
-    let limit = query
-        .limit
-        .unwrap_or(100)
-        .clamp(1, trellis_saga::log::MAX_LIST);
+    let filter = super::sagas::list_filter(
+        query.status,
+        query.before,
+        query.limit,
+        |s| TxStatus::parse(s).is_some(),
+        "preparing, committing, aborting, committed, aborted",
+    )?;
+    let limit = filter.limit;
     let transactions = state
         .tx_coordinator()?
-        .list(&Filter {
-            status: query.status,
-            before: query.before,
-            limit,
-            ..Filter::default()
-        })
+        .list(&filter)
         .await
         .map_err(tx_error)?;
-    let next = (transactions.len() == limit)
-        .then(|| transactions.last().map(|t| t.id.clone()))
-        .flatten();
+    let next = super::sagas::next_page(&transactions, limit, |t| &t.id);
     Ok(axum::Json(json!({ "transactions": transactions, "next": next })).into_response())
 }
